@@ -1,0 +1,1 @@
+"""Subcommands of the ``cryoal`` CLI, one module each (``add_arguments`` + ``main``)."""

@@ -1,0 +1,58 @@
+"""Oracle benchmark: AP of the pretrained model and of active learning at several label budgets."""
+from __future__ import annotations
+
+import json
+
+from ..benchmark import BenchmarkSettings, run_benchmark
+from .common import add_engine_arguments, apply_threads, parse_int_list
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--micrographs", required=True, help="folder of .mrc micrographs")
+    p.add_argument("--truth", required=True, help="ground-truth centres: Topaz txt or RELION STAR")
+    p.add_argument("--radius-px", type=float, required=True, help="particle radius in micrograph pixels")
+    p.add_argument("--border-px", type=float, default=0.0, help="ignore truth and picks this close to an edge")
+    p.add_argument("--train-micrographs", type=int, default=2)
+    p.add_argument("--budgets", type=parse_int_list, default=(10, 25, 50, 100))
+    p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=parse_int_list, default=None, help="several seeds, e.g. 0,1,2,3,4")
+    p.add_argument("--repeats", type=int, default=None, help="seeds seed..seed+repeats-1")
+    p.add_argument("--recipe", default="default", help="recipe name(s), comma-separated: default, seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting (repeatable), e.g. --set l2=10")
+    p.add_argument("--oracle", default="careful", choices=("careful", "literal"),
+                   help="careful: a hit is labelled at the true centre (default); literal: the published answer")
+    p.add_argument("--ceiling", action="store_true", help="also train on every true particle of the training micrographs")
+    p.add_argument("--json", required=True, help="output JSON (a PNG plot is written beside it)")
+    p.add_argument("--picks-out", default=None, help="write baseline.txt and labels_N.txt here")
+    add_engine_arguments(p)
+
+
+def _overrides(items):
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def main(args) -> int:
+    apply_threads(args)
+    seeds = args.seeds or (tuple(range(args.seed, args.seed + args.repeats)) if args.repeats else (args.seed,))
+    s = BenchmarkSettings(
+        micrographs=args.micrographs, truth=args.truth, radius_px=args.radius_px, pixel_size=args.pixel_size,
+        border_px=args.border_px, train_micrographs=args.train_micrographs, budgets=tuple(args.budgets),
+        batch=args.batch, seeds=tuple(seeds), feature_model=args.feature_model,
+        working_pixel_size=args.working_pixel_size, oracle=args.oracle,
+        recipes=tuple(r.strip() for r in args.recipe.split(",") if r.strip()),
+        recipe_overrides=_overrides(args.set), ceiling=args.ceiling, cache_dir=args.cache_dir, device=args.device,
+    )
+    result = run_benchmark(s, args.json, args.picks_out)
+    print(json.dumps(result.get("summary", {k: result[k] for k in ("baseline", "active", "timing")}), indent=1))
+    return 0

@@ -1,0 +1,100 @@
+"""Coordinate files: Topaz-style txt and simple STAR, read and written (always atomically)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from .atomic import atomic_path
+from .extract import Picks
+
+
+class CoordinateFileError(ValueError):
+    """A coordinate file that cannot be read, with the file named in the message."""
+
+
+def _name_of(value: str) -> str:
+    from .io import micrograph_name
+
+    return micrograph_name(str(value))
+
+
+def read_coordinates(path: str | os.PathLike) -> pd.DataFrame:
+    """Read picks/truth as a table with columns image_name, x, y (+ score, label when present).
+
+    Accepts Topaz txt (``image_name x_coord y_coord [score]``) and RELION STAR with
+    ``rlnMicrographName rlnCoordinateX rlnCoordinateY`` (image names reduced to file stems).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CoordinateFileError(f"coordinate file not found: {path}")
+    if path.suffix.lower() == ".star":
+        try:
+            data = starfile.read(path, always_dict=True)
+        except Exception as exc:
+            raise CoordinateFileError(f"{path}: not a readable STAR file ({exc})") from exc
+        table = next((df for df in data.values() if isinstance(df, pd.DataFrame)
+                      and {"rlnCoordinateX", "rlnCoordinateY"} <= set(df.columns)), None)
+        if table is None:
+            raise CoordinateFileError(f"{path}: no table with rlnCoordinateX and rlnCoordinateY")
+        if "rlnMicrographName" not in table.columns:
+            raise CoordinateFileError(f"{path}: STAR table lacks rlnMicrographName")
+        out = pd.DataFrame({"image_name": table["rlnMicrographName"].map(_name_of),
+                            "x": table["rlnCoordinateX"].astype(float),
+                            "y": table["rlnCoordinateY"].astype(float)})
+        if "rlnAutopickFigureOfMerit" in table.columns:
+            out["score"] = table["rlnAutopickFigureOfMerit"].astype(float)
+        return out
+    try:
+        df = pd.read_csv(path, sep=r"\s+", dtype={"image_name": str})
+    except Exception as exc:
+        raise CoordinateFileError(f"{path}: not a readable coordinate table ({exc})") from exc
+    missing = {"image_name", "x_coord", "y_coord"} - set(df.columns)
+    if missing:
+        raise CoordinateFileError(f"{path}: missing column(s) {', '.join(sorted(missing))} "
+                                  "(expected Topaz-style 'image_name x_coord y_coord [score]')")
+    out = pd.DataFrame({"image_name": df["image_name"].astype(str), "x": df["x_coord"].astype(float),
+                        "y": df["y_coord"].astype(float)})
+    if "score" in df.columns:
+        out["score"] = df["score"].astype(float)
+    return out
+
+
+def by_micrograph(table: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {name: (g["x"].to_numpy(float), g["y"].to_numpy(float)) for name, g in table.groupby("image_name")}
+
+
+def write_topaz(path: str | os.PathLike, picks: list[Picks]) -> None:
+    """Topaz-style tab-separated ``image_name x_coord y_coord score`` (original pixels, probability)."""
+    lines = ["image_name\tx_coord\ty_coord\tscore"]
+    for p in picks:
+        order = np.argsort(-p.score, kind="stable")
+        lines += [f"{p.name}\t{p.x[i]:.1f}\t{p.y[i]:.1f}\t{p.score[i]:.6f}" for i in order]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def picks_frame(p: Picks) -> pd.DataFrame:
+    """RELION autopick columns for one micrograph (x = column, y = row, FOM = probability)."""
+    return pd.DataFrame({
+        "rlnCoordinateX": np.round(p.x, 2), "rlnCoordinateY": np.round(p.y, 2),
+        "rlnClassNumber": np.zeros(len(p), dtype=int),
+        "rlnAutopickFigureOfMerit": np.round(p.score, 6),
+        "rlnAnglePsi": np.zeros(len(p), dtype=float),
+    })
+
+
+def write_star(path: str | os.PathLike, tables: dict[str, pd.DataFrame], version: int | None = 30001) -> None:
+    """STAR through starfile, atomically, with RELION's ``# version`` line when given."""
+    with atomic_path(path) as tmp:
+        starfile.write(tables, tmp, overwrite=True)
+        if version:
+            body = tmp.read_text()
+            tmp.write_text(f"\n# version {version}\n\n" + body)
+
+
+def write_picks_star(path: str | os.PathLike, picks: Picks, version: int | None = 30001) -> None:
+    write_star(path, {"": picks_frame(picks)}, version)

@@ -1,0 +1,150 @@
+"""Reading micrographs and bringing them to the working scale."""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+from .coords import Frame, working_shape
+
+MICROGRAPH_SUFFIXES = (".mrc", ".mrcs", ".map", ".rec")
+
+
+class MicrographError(ValueError):
+    """A micrograph file that cannot be used, with the file named in the message."""
+
+
+@dataclass
+class Micrograph:
+    """A micrograph at the working scale, with what is needed to map back to the file."""
+
+    name: str  # file name without extension: the key used in label and pick files
+    path: str
+    image: np.ndarray  # float32 (ny, nx) at the working scale, normalised
+    frame: Frame
+    digest: str  # content hash of the file: keys the feature cache
+
+
+def micrograph_name(path: str | os.PathLike) -> str:
+    """Name of a micrograph as used in Topaz-style files: file name without extension."""
+    base = os.path.basename(str(path))
+    for suffix in MICROGRAPH_SUFFIXES:
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)]
+    return os.path.splitext(base)[0]
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_mrc(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
+    """Read a 2D MRC as float32 and its header pixel size (None when the header has none).
+
+    Accepts float32/float16/int modes and a single-section stack.  Anything else (missing,
+    truncated, 3D, empty, constant) raises MicrographError naming the file.
+    """
+    path = str(path)
+    if not os.path.exists(path):
+        raise MicrographError(f"micrograph not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(path, mode="r", permissive=True) as mrc:
+                if mrc.data is None:
+                    raise MicrographError(f"{path}: not a readable MRC file (bad header or truncated data)")
+                data = np.asarray(mrc.data)
+                vs = float(mrc.voxel_size.x)
+    except MicrographError:
+        raise
+    except Exception as exc:  # mrcfile raises ValueError/OSError subclasses on corrupt files
+        raise MicrographError(f"{path}: cannot read as MRC ({exc})") from exc
+    if data.ndim == 3 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 2:
+        raise MicrographError(f"{path}: expected a 2D micrograph, got data of shape {data.shape}")
+    if data.size == 0 or min(data.shape) < 8:
+        raise MicrographError(f"{path}: micrograph is empty or too small ({data.shape})")
+    if np.iscomplexobj(data):
+        raise MicrographError(f"{path}: complex-valued MRC (mode {data.dtype}) is not a micrograph")
+    data = data.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(data)):
+        raise MicrographError(f"{path}: micrograph contains NaN or infinite values")
+    if float(data.std()) == 0.0:
+        raise MicrographError(f"{path}: micrograph is constant (all pixels equal)")
+    return data, (vs if vs > 0 else None)
+
+
+def fourier_crop(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Band-limit and resample ``image`` to ``shape`` by cropping its spectrum.
+
+    Keeps the DC term and sample 0 aligned, so coordinates scale by n_orig / n_new (coords.Frame).
+    """
+    ny, nx = image.shape
+    my, mx = shape
+    if (my, mx) == (ny, nx):
+        return image.astype(np.float32, copy=True)
+    if my > ny or mx > nx:
+        raise ValueError("fourier_crop only downsamples")
+    spec = np.fft.rfft2(image.astype(np.float64))
+    top = spec[: (my + 1) // 2, : mx // 2 + 1]
+    bottom = spec[ny - my // 2 :, : mx // 2 + 1]
+    cropped = np.concatenate([top, bottom], axis=0)
+    out = np.fft.irfft2(cropped, s=(my, mx)) * (my * mx) / (ny * nx)
+    return out.astype(np.float32)
+
+
+def normalise(image: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance, with extreme pixels (hot pixels, ice, edges) not setting the scale."""
+    lo, hi = np.percentile(image, [0.1, 99.9])
+    core = image[(image >= lo) & (image <= hi)]
+    mu = float(core.mean())
+    sd = float(core.std()) or 1.0
+    return ((image - mu) / sd).astype(np.float32)
+
+
+def load_micrograph(
+    path: str | os.PathLike,
+    working_pixel_size: float = 8.0,
+    pixel_size: float | None = None,
+    name: str | None = None,
+) -> Micrograph:
+    """Read, Fourier-crop to the working pixel size and normalise one micrograph.
+
+    ``pixel_size`` overrides the header (needed when the header is missing or wrong).
+    """
+    data, header_ps = read_mrc(path)
+    ps = pixel_size if pixel_size else header_ps
+    if not ps:
+        raise MicrographError(
+            f"{path}: no pixel size in the MRC header; give one (--pixel-size, or the STAR/.cs metadata)"
+        )
+    if header_ps and pixel_size and abs(header_ps - pixel_size) / pixel_size > 0.02:
+        warnings.warn(
+            f"{path}: header pixel size {header_ps:.3f} A differs from the given {pixel_size:.3f} A; using the given one"
+        )
+    shape = working_shape(data.shape, ps, working_pixel_size)
+    small = normalise(fourier_crop(data, shape))
+    frame = Frame(original_shape=tuple(data.shape), working_shape=shape, pixel_size=float(ps))
+    return Micrograph(
+        name=name or micrograph_name(path), path=str(path), image=small, frame=frame, digest=file_digest(path)
+    )
+
+
+def list_micrographs(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MicrographError(f"micrograph folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in MICROGRAPH_SUFFIXES)
+    if not files:
+        raise MicrographError(f"{folder}: no .mrc files")
+    return files

@@ -1,0 +1,240 @@
+"""The active-learning engine: labels + cached features -> BLR -> proposals and picks.
+
+Front ends (CLI, benchmark, RELION, cryoSPARC) all drive this one class.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .acquisition import Proposal, block_labelled, entropy, peaks
+from .extract import Picks, extract_picks, sigmoid
+from .features import FeatureMap, head_of
+from .io import Micrograph
+from .labels import Label
+from .model import BLR
+from .recipes import Recipe
+
+
+@dataclass
+class Item:
+    mic: Micrograph
+    fmap: FeatureMap
+
+
+def _offsets(recipe: Recipe, radius_w: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel offsets (dy, dx) covered by one label at the working scale."""
+    if recipe.label_shape == "square":
+        h = int(recipe.label_size) // 2
+        yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+        return yy.ravel(), xx.ravel()
+    rad = max(recipe.label_size * radius_w, 0.5)
+    r = int(np.ceil(rad))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    keep = xx * xx + yy * yy <= rad * rad
+    return yy[keep], xx[keep]
+
+
+class ActiveLearner:
+    """Holds the training micrographs' features; fits the BLR to labels; proposes what to label next."""
+
+    def __init__(self, items: list[Item], radius_px: float, recipe: Recipe, feature_model: str = "resnet16_u32",
+                 seed: int = 0):
+        if not items:
+            raise ValueError("no training micrographs")
+        self.items = {it.mic.name: it for it in items}
+        self.radius_px = float(radius_px)
+        self.recipe = recipe
+        self.feature_model = feature_model
+        self.rng = np.random.default_rng(seed)
+        self.model: BLR | None = None
+        self._logits: dict[str, np.ndarray] = {}
+        self.last_fit_s = 0.0
+        self._unlabelled = self._sample_unlabelled()
+        self._pseudo = self._pseudo_labels()
+
+    # --- geometry helpers ----------------------------------------------------------------------
+    def radius_w(self, name: str) -> float:
+        return self.items[name].mic.frame.radius_to_working(self.radius_px)
+
+    def _label_index(self, labels: list[Label]):
+        """Per micrograph: working-scale pixel indices of labelled spots, for exclusion."""
+        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name in self.items:
+            sel = [l for l in labels if l.micrograph == name]
+            if sel:
+                ix, iy = self.items[name].mic.frame.to_working_index([l.x for l in sel], [l.y for l in sel])
+                out[name] = (iy, ix)
+        return out
+
+    # --- training data -------------------------------------------------------------------------
+    def _sample_unlabelled(self) -> np.ndarray | None:
+        r = self.recipe
+        if r.pi_weight <= 0:
+            return None
+        rows = []
+        total = sum(int(np.prod(it.fmap.shape)) for it in self.items.values())
+        for it in self.items.values():
+            ny, nx = it.fmap.shape
+            if r.unlabelled_sample and r.unlabelled_sample < total:
+                k = max(1, int(round(r.unlabelled_sample * ny * nx / total)))
+                flat = np.sort(self.rng.choice(ny * nx, size=k, replace=False))
+                iy, ix = np.divmod(flat, nx)
+                rows.append(it.fmap.at(iy, ix))
+            else:
+                rows.append(np.asarray(it.fmap.features, dtype=np.float32).reshape(it.fmap.features.shape[0], -1).T)
+        return np.concatenate(rows)
+
+    def _pseudo_labels(self) -> list[Label]:
+        """Top-N / bottom-N peaks of the pretrained score, pooled over the training micrographs."""
+        n = self.recipe.pseudo_labels
+        if n <= 0:
+            return []
+        cands = []
+        for name, it in self.items.items():
+            iy, ix, v = peaks(it.fmap.score, self.radius_w(name))
+            x, y = it.mic.frame.to_original(ix, iy)
+            cands += [(float(s), name, float(a), float(b)) for s, a, b in zip(v, x, y)]
+        cands.sort(key=lambda c: -c[0])
+        top, bottom = cands[:n], cands[-n:] if len(cands) > n else []
+        return ([Label(m, x, y, 1, "pseudo") for _, m, x, y in top]
+                + [Label(m, x, y, 0, "pseudo") for _, m, x, y in bottom])
+
+    def training_set(self, labels: list[Label]):
+        """Feature rows, targets and weights for real labels plus (decayed) pseudo-labels."""
+        r = self.recipe
+        real = [l for l in labels if l.micrograph in self.items]
+        pseudo = list(self._pseudo)
+        if pseudo and real:
+            idx = self._label_index(real)
+            keep = []
+            for p in pseudo:
+                if p.micrograph not in idx:
+                    keep.append(p)
+                    continue
+                fx, fy = self.items[p.micrograph].mic.frame.to_working(p.x, p.y)
+                iy, ix = idx[p.micrograph]
+                if np.min((iy - fy) ** 2 + (ix - fx) ** 2) > self.radius_w(p.micrograph) ** 2:
+                    keep.append(p)
+            pseudo = keep
+        pw = r.pseudo_weight / (1.0 + r.pseudo_decay * len(real))
+        X, y, w = [], [], []
+        for group, weight in ((real, 1.0), (pseudo, pw)):
+            for name in {l.micrograph for l in group}:
+                it = self.items[name]
+                sel = [l for l in group if l.micrograph == name]
+                dy, dx = _offsets(r, self.radius_w(name))
+                ix, iy = it.mic.frame.to_working_index([l.x for l in sel], [l.y for l in sel])
+                ny, nx = it.fmap.shape
+                Y = np.clip(iy[:, None] + dy[None], 0, ny - 1).ravel()
+                Xc = np.clip(ix[:, None] + dx[None], 0, nx - 1).ravel()
+                X.append(it.fmap.at(Y, Xc))
+                y.append(np.repeat([float(l.label) for l in sel], dy.size))
+                w.append(np.full(Y.size, weight))
+        if not X:
+            d = next(iter(self.items.values())).fmap.features.shape[0]
+            return np.empty((0, d), np.float32), np.empty(0), np.empty(0)
+        return np.concatenate(X), np.concatenate(y), np.concatenate(w)
+
+    # --- fitting and prediction ----------------------------------------------------------------
+    def prior(self):
+        if self.recipe.prior == "pretrained":
+            return head_of(self.feature_model)
+        return None
+
+    def fit(self, labels: list[Label]) -> BLR:
+        t = time.perf_counter()
+        r = self.recipe
+        X, y, w = self.training_set(labels)
+        model = BLR(l2=r.l2, pi=r.pi, pi_weight=r.pi_weight, standardise=r.standardise)
+        if X.shape[0] == 0 and self.recipe.prior == "pretrained":
+            w0, b0 = head_of(self.feature_model)
+            model.coef_, model.intercept_ = w0, b0
+            model.prior_coef_, model.prior_intercept_ = w0, b0
+        else:
+            model.fit(X, y, w, unlabelled=self._unlabelled, prior=self.prior())
+        model.meta = {"feature_model": self.feature_model, "recipe": r.to_dict(), "radius_px": self.radius_px,
+                      "working_pixel_size": float(np.mean([it.mic.frame.working_pixel_size for it in self.items.values()]))}
+        self.model = model
+        self._logits = {}
+        self.last_fit_s = time.perf_counter() - t
+        return model
+
+    def logits(self, name: str) -> np.ndarray:
+        """Current model's logit map on a training micrograph (the pretrained score before any fit)."""
+        if self.model is None:
+            return self.items[name].fmap.score
+        if name not in self._logits:
+            self._logits[name] = self.model.logit_map(self.items[name].fmap.features)
+        return self._logits[name]
+
+    # --- proposals -----------------------------------------------------------------------------
+    def _candidates(self, values_of, labels: list[Label]) -> dict[str, list[tuple[float, float, float, float]]]:
+        """Per micrograph: peaks of ``values_of(name)`` as (value, x, y, prob), best first."""
+        idx = self._label_index(labels)
+        out = {}
+        for name, it in self.items.items():
+            rw = self.radius_w(name)
+            iy, ix, v = peaks(values_of(name), rw, exclude=idx.get(name))
+            keep = np.isfinite(v)
+            iy, ix, v = iy[keep], ix[keep], v[keep]
+            x, y = it.mic.frame.to_original(ix, iy)
+            p = sigmoid(self.logits(name)[iy, ix])
+            out[name] = list(zip(v.tolist(), x.tolist(), y.tolist(), p.tolist()))
+        return out
+
+    def _take(self, cands: dict, k: int, kind: str, spread: str) -> list[Proposal]:
+        if k <= 0:
+            return []
+        if spread == "micrographs":
+            chosen, pos = [], {n: 0 for n in cands}
+            names = sorted(cands, key=lambda n: -(cands[n][0][0] if cands[n] else -np.inf))
+            while len(chosen) < k and any(pos[n] < len(cands[n]) for n in names):
+                for n in names:
+                    if pos[n] < len(cands[n]) and len(chosen) < k:
+                        chosen.append((n, cands[n][pos[n]]))
+                        pos[n] += 1
+        else:
+            flat = [(n, c) for n, cs in cands.items() for c in cs]
+            flat.sort(key=lambda t: -t[1][0])
+            chosen = flat[:k]
+        return [Proposal(n, c[1], c[2], c[3], kind) for n, c in chosen]
+
+    def propose(self, k: int, labels: list[Label]) -> list[Proposal]:
+        """The k most uncertain peaks (entropy), spread as the recipe says; some confident ones if asked."""
+        r = self.recipe
+        n_conf = int(round(k * r.confident_fraction)) if self.model is not None else 0
+        unc = self._take(self._candidates(lambda n: entropy(self.logits(n)), labels), k - n_conf, "uncertain", r.spread)
+        return unc + self._confident(n_conf, labels + [Label(p.micrograph, p.x, p.y, 0) for p in unc])
+
+    def _confident(self, k: int, labels: list[Label]) -> list[Proposal]:
+        if k <= 0:
+            return []
+        n_pos = (k + 1) // 2
+        pos = self._take(self._candidates(self.logits, labels), n_pos, "positive", "micrographs")
+        neg = self._take(self._candidates(lambda n: -self.logits(n), labels), k - n_pos, "negative", "micrographs")
+        return pos + neg
+
+    def initial_proposals(self, k: int, labels: list[Label] | None = None) -> list[Proposal]:
+        """Round 0, from the pretrained score: confident positives, confident negatives, most uncertain."""
+        labels = labels or []
+        n_pos = max(1, k // 5) if k >= 3 else 0
+        n_neg = max(1, k // 5) if k >= 3 else 0
+        saved, self.model = self.model, None  # proposals from the pretrained score
+        try:
+            props = self._take(self._candidates(lambda n: entropy(self.logits(n)), labels), k - n_pos - n_neg,
+                               "uncertain", "micrographs")
+            taken = labels + [Label(p.micrograph, p.x, p.y, 0) for p in props]
+            props += self._confident(n_pos + n_neg, taken)
+        finally:
+            self.model = saved
+        return props
+
+    # --- picks ---------------------------------------------------------------------------------
+    def score_map(self, fmap: FeatureMap) -> np.ndarray:
+        return fmap.score if self.model is None else self.model.logit_map(fmap.features)
+
+    def picks(self, mic: Micrograph, fmap: FeatureMap, threshold: float | None = None) -> Picks:
+        return extract_picks(mic.name, self.score_map(fmap), mic.frame, self.radius_px, threshold)

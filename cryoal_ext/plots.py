@@ -1,0 +1,105 @@
+"""Pictures: pick overlays, score histograms, precision-recall and AP-vs-labels curves (PNG, headless)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=os.path.splitext(path)[1][1:] or "png")
+    _plt().close(fig)
+
+
+def plot_pr(evaluations: dict, path: str, title: str = "") -> None:
+    """Precision-recall curves, one per named Evaluation."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for label, ev in evaluations.items():
+        r, p = ev.curve()
+        ax.plot(r, p, label=f"{label} (AP {ev.ap:.3f})")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def plot_benchmark(result: dict, path: str) -> None:
+    """AP against number of labels, the pretrained baseline as a line, mean and spread over seeds."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    runs = result.get("runs", [result])
+    base = np.mean([r["baseline"]["ap"] for r in runs])
+    for name in dict.fromkeys(r.get("recipe", "default") for r in runs):
+        rs = [r for r in runs if r.get("recipe", "default") == name]
+        n = [a["labels"] for a in rs[0]["active"]]
+        aps = np.array([[a["ap"] for a in r["active"]] for r in rs if len(r["active"]) == len(n)])
+        ax.errorbar(n, aps.mean(0), yerr=aps.std(0) if len(aps) > 1 else None, marker="o", capsize=3, label=name)
+        if "ceiling" in rs[0]:
+            ax.axhline(np.mean([r["ceiling"]["ap"] for r in rs]), ls=":", lw=1, label=f"{name} ceiling")
+    ax.axhline(base, color="k", ls="--", lw=1, label="Topaz pretrained")
+    ax.set_xlabel("labels")
+    ax.set_ylabel("average precision")
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_overlay(image: np.ndarray, path: str, picks=None, queries=None, labels=None, radius: float = 10.0,
+                 title: str = "", scale: tuple[float, float] = (1.0, 1.0)) -> None:
+    """Micrograph with picks (blue circles), queries (yellow) and labels (green +, red x).
+
+    Coordinates are original pixels; ``scale`` = (sx, sy) maps them onto ``image`` (working scale).
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 6))
+    lo, hi = np.percentile(image, [1, 99])
+    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, origin="upper")
+    sx, sy = scale
+    from matplotlib.patches import Circle
+
+    def circles(xs, ys, color, lw=1.0):
+        for x, y in zip(xs, ys):
+            ax.add_patch(Circle((x / sx, y / sy), radius, fill=False, color=color, lw=lw))
+
+    if picks is not None and len(picks):
+        circles(picks[0], picks[1], "#3b82f6")
+    if queries is not None and len(queries):
+        circles(queries[0], queries[1], "#facc15", 1.5)
+    if labels is not None:
+        for (x, y, lab) in labels:
+            ax.plot(x / sx, y / sy, "+" if lab else "x", color="#22c55e" if lab else "#ef4444", ms=8, mew=2)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)
+
+
+def plot_histogram(scores: np.ndarray, path: str, threshold: float | None = None, title: str = "") -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(np.asarray(scores), bins=50, range=(0, 1), color="#3b82f6")
+    if threshold is not None:
+        ax.axvline(threshold, color="r", ls="--", label=f"suggested threshold {threshold:.2f}")
+        ax.legend()
+    ax.set_xlabel("pick probability")
+    ax.set_ylabel("picks")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)

@@ -1,0 +1,55 @@
+"""Named settings for the active-learning engine: the published recipe and our default."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides how labels become a model and how proposals are chosen."""
+
+    name: str = "default"
+    # model
+    prior: str = "pretrained"  # 'zero': w0 = 0; 'pretrained': regularise towards Topaz's own head
+    l2: float = 1.0
+    pi: float = 0.01
+    pi_weight: float = 1.0
+    standardise: bool = False
+    unlabelled_sample: int = 20000  # pixels for the expectation term (0: every pixel)
+    # label geometry
+    label_shape: str = "disc"  # 'square' (side label_size px) or 'disc' (radius label_size * particle radius)
+    label_size: float = 0.25
+    # pseudo-labels from the pretrained score
+    pseudo_labels: int = 0  # top-N peaks positive, bottom-N peaks negative
+    pseudo_weight: float = 1.0
+    pseudo_decay: float = 0.0  # pseudo weight / (1 + decay * real labels)
+    # acquisition
+    spread: str = "micrographs"  # 'none': global entropy ranking; 'micrographs': round-robin over micrographs
+    confident_fraction: float = 0.0  # share of each batch given to confident picks (calibration checks)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_(self, **changes) -> "Recipe":
+        return replace(self, **changes)
+
+
+SEED = Recipe(
+    name="seed", prior="zero", l2=1.0, pi=0.01, pi_weight=1.0, standardise=False,
+    label_shape="square", label_size=3, pseudo_labels=100, pseudo_weight=1.0, pseudo_decay=0.0,
+    spread="none", confident_fraction=0.0,
+)
+
+DEFAULT = Recipe(name="default")
+
+RECIPES = {"seed": SEED, "default": DEFAULT}
+
+
+def get_recipe(name: str, **overrides) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    valid = {f.name for f in fields(Recipe)}
+    bad = set(overrides) - valid
+    if bad:
+        raise ValueError(f"unknown recipe setting(s): {', '.join(sorted(bad))}")
+    return replace(RECIPES[name], **overrides)

@@ -1,0 +1,121 @@
+"""Steps every front end shares: load + featurise, one labelling round, prediction, thresholds."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .acquisition import Proposal
+from .extract import Picks
+from .features import FeatureCache
+from .io import Micrograph, load_micrograph
+from .learner import ActiveLearner, Item
+from .model import BLR
+from .recipes import Recipe
+from .session import Session
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class MicrographSpec:
+    """A micrograph as a host names it: its file, the name used in our files, and its pixel size."""
+
+    path: str
+    name: str
+    pixel_size: float | None = None
+    extra: dict = field(default_factory=dict)  # host-specific fields (RELION name, cryoSPARC uid, ...)
+
+
+@dataclass
+class EngineSettings:
+    radius_px: float | None = None  # particle radius in micrograph pixels
+    diameter_A: float | None = None  # alternative to radius_px, converted with each micrograph's pixel size
+    feature_model: str = "resnet16_u32"
+    working_pixel_size: float = 8.0
+    cache_dir: str | None = None
+    device: str | None = None
+
+    def radius_for(self, pixel_size: float) -> float:
+        if self.radius_px:
+            return float(self.radius_px)
+        if self.diameter_A:
+            return float(self.diameter_A) / (2.0 * pixel_size)
+        raise ValueError("give the particle size: a radius in pixels or a diameter in Angstrom")
+
+
+def featurise(specs: Iterable[MicrographSpec], s: EngineSettings, progress: Progress = print,
+              check: Callable[[], None] | None = None) -> Iterator[Item]:
+    """Load each micrograph and its (cached) features, one at a time; ``check`` runs between micrographs."""
+    cache = FeatureCache(s.cache_dir, s.feature_model, s.device)
+    specs = list(specs)
+    t = time.perf_counter()
+    for i, spec in enumerate(specs, 1):
+        if check:
+            check()
+        mic = load_micrograph(spec.path, s.working_pixel_size, spec.pixel_size, name=spec.name)
+        item = Item(mic, cache.get(mic))
+        dt = time.perf_counter() - t
+        progress(f"features {i}/{len(specs)} {spec.name}: {mic.frame.original_shape} -> {mic.frame.working_shape}, "
+                 f"{i / dt:.2f} mic/s" if dt > 0 else f"features {i}/{len(specs)} {spec.name}")
+        yield item
+
+
+def choose_training(names: list[str], n: int, seed: int = 0, labelled: Iterable[str] = ()) -> list[str]:
+    """Training micrographs: a seeded random choice, plus every micrograph that already has labels."""
+    names = sorted(names)
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.choice(names, size=min(n, len(names)), replace=False).tolist()) if names else set()
+    return sorted(chosen | (set(labelled) & set(names)))
+
+
+@dataclass
+class RoundResult:
+    model: BLR | None
+    proposals: list[Proposal]
+    n_labels: int
+    n_positive: int
+    fit_s: float
+    propose_s: float
+
+
+def labelling_round(session: Session, items: list[Item], recipe: Recipe, radius_px: float, batch: int,
+                    feature_model: str, seed: int = 0) -> RoundResult:
+    """Fit on every label so far, propose the next batch, save model and proposals in the session."""
+    learner = ActiveLearner(items, radius_px, recipe, feature_model, seed=seed)
+    labels = session.labels.effective()
+    t = time.perf_counter()
+    model = None
+    if labels or recipe.pseudo_labels > 0:
+        model = learner.fit(labels)
+        model.save(session.model_path, round=session.round, n_labels=len(labels))
+    fit_s = time.perf_counter() - t
+    t = time.perf_counter()
+    props = learner.initial_proposals(batch, labels) if model is None else learner.propose(batch, labels)
+    propose_s = time.perf_counter() - t
+    session.save_proposals(session.round, props)
+    pos, _ = session.labels.counts()
+    return RoundResult(model, props, len(labels), pos, fit_s, propose_s)
+
+
+def predict(items: Iterable[Item], model: BLR | None, radius_px: float | Callable[[Item], float],
+            threshold: float | None = None) -> Iterator[tuple[Item, Picks]]:
+    """Picks per micrograph from the model's score (the pretrained score when ``model`` is None)."""
+    from .extract import extract_picks
+
+    for it in items:
+        r = radius_px(it) if callable(radius_px) else radius_px
+        logits = it.fmap.score if model is None else model.logit_map(it.fmap.features)
+        yield it, extract_picks(it.mic.name, logits, it.mic.frame, r, threshold)
+
+
+def suggest_threshold(scores: np.ndarray) -> float:
+    """Probability threshold that maximises the expected F1 if the probabilities are calibrated."""
+    s = np.sort(np.asarray(scores, float))[::-1]
+    if s.size == 0:
+        return 0.5
+    etp = np.cumsum(s)
+    f1 = 2 * etp / (np.arange(1, s.size + 1) + s.sum())
+    return float(s[int(np.argmax(f1))])
