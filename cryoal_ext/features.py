@@ -12,7 +12,7 @@ from .atomic import atomic_path
 from .io import Micrograph
 
 PRETRAINED = ("resnet16_u32", "resnet16_u64", "resnet8_u32", "resnet8_u64")
-CACHE_VERSION = "1"  # bump when preprocessing changes, so stale caches are not reused
+CACHE_VERSION = "2"  # bump when preprocessing changes, so stale caches are not reused
 
 
 def default_device() -> str:

@@ -54,5 +54,6 @@ def main(args) -> int:
         recipe_overrides=_overrides(args.set), ceiling=args.ceiling, cache_dir=args.cache_dir, device=args.device,
     )
     result = run_benchmark(s, args.json, args.picks_out)
-    print(json.dumps(result.get("summary", {k: result[k] for k in ("baseline", "active", "timing")}), indent=1))
+    shown = result["summary"] if "summary" in result else {k: result[k] for k in ("baseline", "active", "timing")}
+    print(json.dumps(shown, indent=1))
     return 0
