@@ -140,7 +140,8 @@ def exposures_to_specs(dset, project_dir: str | os.PathLike | None, source: str 
     if bad_ps.size and not pixel_size:
         i = int(bad_ps[0])
         where = "no field micrograph_blob/psize_A" if "micrograph_blob/psize_A" not in fields else \
-            f"micrograph_blob/psize_A = {psizes[i]:g} for {bad_ps.size} exposure(s), e.g. uid {int(uids[i])} ({paths[i]})"
+            (f"micrograph_blob/psize_A = {psizes[i]:g} for {bad_ps.size} exposure(s), "
+             f"e.g. uid {int(uids[i])} ({paths[i]})")
         raise CryoSPARCDataError(f"{source}: pixel size missing ({where}); give --pixel-size to use one for all")
     bad_shape = [i for i in range(n) if shapes[i].size != 2 or min(shapes[i]) <= 0]
     if bad_shape:
@@ -170,6 +171,44 @@ def exposures_to_specs(dset, project_dir: str | os.PathLike | None, source: str 
             extra={"uid": int(uids[i]), "cs_path": paths[i], "shape": (int(shapes[i][0]), int(shapes[i][1])),
                    "psize_A": ps, "exp_group_id": int(groups[i])}))
     return specs
+
+
+def exposures_from_files(files: Sequence[str | os.PathLike], project_dir: str | os.PathLike | None = None,
+                         pixel_size: float | None = None, exp_group_id: int = 1, uids: Sequence[int] | None = None):
+    """An exposures Dataset for plain MRC files, laid out as cryoSPARC's (``micrograph_blob/*``,
+    ``mscope_params/exp_group_id``): for running offline on micrographs no cryoSPARC job made,
+    and for tests.  Paths are stored relative to ``project_dir`` when inside it; shape and pixel
+    size come from each MRC header (``pixel_size`` overrides)."""
+    import mrcfile
+
+    Dataset = _dataset_class()
+    n = len(files)
+    dset = Dataset.allocate(n, [("micrograph_blob/path", "O"), ("micrograph_blob/idx", "<u4"),
+                                ("micrograph_blob/shape", "<u4", (2,)), ("micrograph_blob/psize_A", "<f4"),
+                                ("micrograph_blob/format", "O"), ("mscope_params/exp_group_id", "<u4")])
+    if uids is not None:
+        dset["uid"] = np.asarray(uids, dtype=np.uint64)
+    paths, shapes, psizes = [], [], []
+    for f in files:
+        f = Path(f)
+        if not f.exists():
+            raise CryoSPARCDataError(f"micrograph not found: {f}")
+        with mrcfile.open(str(f), mode="r", header_only=True, permissive=True) as mrc:
+            h = mrc.header
+            shapes.append((int(h.ny), int(h.nx)))
+            vs = float(mrc.voxel_size.x)
+        ps = pixel_size or vs
+        if not ps or ps <= 0:
+            raise CryoSPARCDataError(f"{f}: no pixel size in the MRC header; give pixel_size")
+        psizes.append(ps)
+        rel = os.path.relpath(os.path.abspath(f), os.path.abspath(project_dir)) if project_dir else str(f)
+        paths.append(str(f) if rel.startswith("..") else rel)
+    dset["micrograph_blob/path"] = np.array(paths, dtype=object)
+    dset["micrograph_blob/shape"] = np.array(shapes, dtype=np.uint32).reshape(n, 2)
+    dset["micrograph_blob/psize_A"] = np.array(psizes, dtype=np.float32)
+    dset["micrograph_blob/format"] = np.array(["MRC/1"] * n, dtype=object)
+    dset["mscope_params/exp_group_id"] = np.full(n, exp_group_id, dtype=np.uint32)
+    return dset
 
 
 def check_shape(spec: MicrographSpec, file_shape: tuple[int, int]) -> None:

@@ -1,10 +1,12 @@
 """Dense per-pixel features and the baseline score from Topaz's pretrained detectors."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -19,6 +21,61 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+_PRECISION_ALIASES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "fp16": "fp16", "float16": "fp16",
+                      "half": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
+
+
+def resolve_precision(precision: str | None, device: str):
+    """``precision`` ('fp32', 'fp16', 'bf16') -> the autocast dtype for the backbone (None: float32).
+
+    float16 is refused on the CPU (torch's CPU float16 convolutions are slow or missing);
+    bfloat16 runs on both (CPU autocast supports it; on the CPU it is rarely faster).
+    """
+    import torch
+
+    p = _PRECISION_ALIASES.get(str(precision or "fp32").lower())
+    if p is None:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    on_cuda = str(device).startswith("cuda")
+    if p == "fp16" and not on_cuda:
+        raise ValueError(f"float16 (--half / --precision fp16) needs a CUDA device, not {device!r}; "
+                         "use --precision bf16 on the CPU, or leave the precision at fp32")
+    if p == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{device}: this GPU has no bfloat16; use --precision fp16")
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[p]
+
+
+def autocast(device: str, dtype):
+    """Mixed precision for the block (``dtype`` None: plain float32).  Thread-local, like torch's."""
+    import torch
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=str(device).split(":")[0], dtype=dtype)
+
+
+@contextlib.contextmanager
+def blas_threads(n: int | None = 1) -> Iterator[None]:
+    """Limit the BLAS thread pools (numpy's and scipy's OpenBLAS) inside the block.
+
+    Why: the BLR fit alternates numpy mat-vecs on ~30k x 128 arrays with scipy's L-BFGS-B step,
+    and the two OpenBLAS pools (one bundled with numpy, one with scipy) spin against each other
+    and against torch's OpenMP threads: on 2 cores one thread each made the fit 3x faster.  A
+    no-op when threadpoolctl is absent or ``n`` is None.
+    """
+    if n is None:
+        yield
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=int(n), user_api="blas"):
+        yield
 
 
 _MODELS: dict[tuple[str, str], object] = {}
@@ -64,20 +121,64 @@ class FeatureMap:
         """Feature rows (n, C) float32 at the given pixels."""
         return np.asarray(self.features[:, iy, ix], dtype=np.float32).T
 
+    @property
+    def nbytes_float32(self) -> int:
+        return int(np.prod(self.features.shape)) * 4
 
-def compute_features(image: np.ndarray, name: str = "resnet16_u32", device: str | None = None):
+    def in_memory(self) -> "FeatureMap":
+        """The same features as a float32 array in RAM (exact: float16 -> float32 loses nothing).
+
+        Why: a round reads every training pixel's features (logits for entropy) and gathers label
+        rows; converting the float16 memory map on each read was half the proposal time.  Costs
+        C*H*W*4 bytes (241 MB for a 686x686 micrograph with 128 features), so meant for the few
+        training micrographs of a round, never for prediction.
+        """
+        if self.features.dtype == np.float32 and not isinstance(self.features, np.memmap):
+            return self
+        feats = np.empty(self.features.shape, dtype=np.float32)
+        rows = 64
+        for r in range(0, feats.shape[1], rows):  # chunked: never a second full-size temporary
+            feats[:, r : r + rows] = self.features[:, r : r + rows]
+        return FeatureMap(feats, np.asarray(self.score, dtype=np.float32))
+
+
+def compute_features(image: np.ndarray, name: str = "resnet16_u32", device: str | None = None,
+                     precision: str | None = None):
     """Run the backbone once: (features float16 (C,H,W), baseline logits float32 (H,W))."""
+    return compute_features_batch([image], name, device, precision)[0]
+
+
+def compute_features_batch(images: list[np.ndarray], name: str = "resnet16_u32", device: str | None = None,
+                           precision: str | None = None, batch_size: int = 4):
+    """``compute_features`` for several images, up to ``batch_size`` equal-shape ones per forward pass.
+
+    ``precision`` 'fp16'/'bf16' runs the backbone under autocast (the features are stored as
+    float16 either way; the baseline head runs in float32).  Images of different shapes are fine:
+    a batch holds consecutive images of one shape.
+    """
     import torch
 
     device = device or default_device()
+    dtype = resolve_precision(precision, device)
     model = load_pretrained(name, device)
-    with torch.no_grad():
-        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(device)
-        z = model.features(x)
-        s = model.classifier(z)
-        feats = z[0].to(torch.float16).cpu().numpy()
-        score = s[0, 0].float().cpu().numpy()
-    return feats, score
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    i = 0
+    while i < len(images):
+        j = i + 1
+        while j < len(images) and j - i < max(1, int(batch_size)) and images[j].shape == images[i].shape:
+            j += 1
+        x = np.stack([np.ascontiguousarray(im, dtype=np.float32) for im in images[i:j]])[:, None]
+        with torch.inference_mode():
+            t = torch.from_numpy(x).to(device)
+            with autocast(device, dtype):
+                z = model.features(t)
+            z = z.float()
+            s = model.classifier(z)
+            feats = z.to(torch.float16).cpu().numpy()
+            score = s[:, 0].float().cpu().numpy()
+        out += [(feats[k], score[k]) for k in range(j - i)]
+        i = j
+    return out
 
 
 class FeatureCache:
@@ -87,21 +188,24 @@ class FeatureCache:
     second round or a second command never recomputes them and a changed file never hits.
     """
 
-    def __init__(self, folder: str | os.PathLike | None, model: str = "resnet16_u32", device: str | None = None):
+    def __init__(self, folder: str | os.PathLike | None, model: str = "resnet16_u32", device: str | None = None,
+                 precision: str | None = None):
         self.folder = Path(folder) if folder else None
         self.model = model
         self.device = device
+        self.precision = _PRECISION_ALIASES.get(str(precision or "fp32").lower(), precision)
         self.hits = 0
         self.misses = 0
 
     def _stem(self, mic: Micrograph) -> Path:
         ny, nx = mic.frame.working_shape
-        return self.folder / f"{mic.name}.{mic.digest[:16]}.{self.model}.{ny}x{nx}.v{CACHE_VERSION}"
+        tag = "" if self.precision == "fp32" else f".{self.precision}"  # mixed-precision features never mix in
+        return self.folder / f"{mic.name}.{mic.digest[:16]}.{self.model}{tag}.{ny}x{nx}.v{CACHE_VERSION}"
 
     def get(self, mic: Micrograph) -> FeatureMap:
         if self.folder is None:
             self.misses += 1
-            return FeatureMap(*compute_features(mic.image, self.model, self.device))
+            return FeatureMap(*compute_features(mic.image, self.model, self.device, self.precision))
         stem = self._stem(mic)
         fpath, spath = Path(f"{stem}.features.npy"), Path(f"{stem}.score.npy")
         if fpath.exists() and spath.exists():
@@ -114,7 +218,7 @@ class FeatureCache:
             except (ValueError, OSError):
                 pass  # a damaged cache entry is recomputed below
         self.misses += 1
-        feats, score = compute_features(mic.image, self.model, self.device)
+        feats, score = compute_features(mic.image, self.model, self.device, self.precision)
         self.folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(fpath) as tmp:
             np.save(tmp, feats)

@@ -132,7 +132,8 @@ class ActiveLearner:
                 Xc = np.clip(ix[:, None] + dx[None], 0, nx - 1).ravel()
                 X.append(it.fmap.at(Y, Xc))
                 y.append(np.repeat([float(l.label) for l in sel], dy.size))
-                w.append(np.full(Y.size, weight))
+                per_pixel = weight / dy.size if r.label_weight == "label" else weight
+                w.append(np.full(Y.size, per_pixel))
         if not X:
             d = next(iter(self.items.values())).fmap.features.shape[0]
             return np.empty((0, d), np.float32), np.empty(0), np.empty(0)

@@ -19,6 +19,7 @@ class Recipe:
     # label geometry
     label_shape: str = "disc"  # 'square' (side label_size px) or 'disc' (radius label_size * particle radius)
     label_size: float = 0.25
+    label_weight: str = "label"  # 'pixel': every labelled pixel counts 1 (published); 'label': each label sums to 1
     # pseudo-labels from the pretrained score
     pseudo_labels: int = 0  # top-N peaks positive, bottom-N peaks negative
     pseudo_weight: float = 1.0
@@ -36,7 +37,7 @@ class Recipe:
 
 SEED = Recipe(
     name="seed", prior="zero", l2=1.0, pi=0.01, pi_weight=1.0, standardise=False,
-    label_shape="square", label_size=3, pseudo_labels=100, pseudo_weight=1.0, pseudo_decay=0.0,
+    label_shape="square", label_size=3, label_weight="pixel", pseudo_labels=100, pseudo_weight=1.0, pseudo_decay=0.0,
     spread="none", confident_fraction=0.0,
 )
 

@@ -1,51 +1,165 @@
-"""Pick micrographs with a trained model (or Topaz's pretrained head) and write coordinate files."""
+"""Pick micrographs with a trained model (or Topaz's pretrained head) and write coordinate files.
+
+Streams: reading, the network and NMS overlap, feature maps are never stored, memory stays flat.
+Outputs are per micrograph and atomic, so a re-run skips finished micrographs (resume) and
+``--shard i/N`` splits the work across processes or nodes; ``cryoal merge`` joins the shards
+(an unsharded run merges by itself).
+"""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from ..files import write_picks_star, write_topaz
 from ..model import BLR
-from ..workflow import EngineSettings, MicrographSpec, featurise, predict, suggest_threshold
+from ..shard import Shard, file_sha1, is_complete, merge, reconcile_manifest, write_error, write_micrograph
+from ..workflow import EngineSettings, suggest_threshold
 from .common import add_engine_arguments, apply_threads
 from .features import expand
 
+FORMATS = ("txt", "star")
+
 
 def add_arguments(p) -> None:
-    p.add_argument("micrographs", nargs="+", help="MRC files or folders")
+    p.add_argument("micrographs", nargs="+",
+                   help="MRC files, folders, or lists: .txt (one path a line), RELION .star (rlnMicrographName), "
+                        "cryoSPARC exposures .cs (micrograph_blob/path)")
+    p.add_argument("--project-dir", default=".",
+                   help="folder that relative paths in .txt/.star/.cs lists start from (default: here)")
     p.add_argument("--model", default=None, help="model.npz from a round or the benchmark (default: pretrained head)")
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--radius-px", type=float, help="particle radius in micrograph pixels")
     size.add_argument("--diameter-A", type=float, help="particle diameter in Angstrom")
     p.add_argument("--threshold", type=float, default=None, help="keep picks with probability >= this")
-    p.add_argument("--out-dir", required=True, help="writes picks.txt and one <name>_picks.star per micrograph")
-    p.add_argument("--format", default="txt,star", help="comma-separated: txt, star")
+    p.add_argument("--out-dir", required=True,
+                   help="per-micrograph picks in OUT/micrographs/, merged into OUT/picks.txt (+ picks.star)")
+    p.add_argument("--format", default="txt,star", help="comma-separated: txt, star (txt is always written)")
+    p.add_argument("--shard", default=None, metavar="i/N",
+                   help="process only the i-th of N parts of the sorted micrograph list (1-based); 'slurm' takes "
+                        "i and N from a SLURM job array; join the parts with cryoal merge")
+    p.add_argument("--overwrite", action="store_true", help="redo micrographs that already have outputs")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="micrographs per forward pass (default 1 on CPU, 4 on GPU)")
+    p.add_argument("--precision", default=None, choices=("fp32", "fp16", "bf16"),
+                   help="backbone arithmetic: fp32 (default), fp16 (autocast, CUDA only), bf16 (autocast); "
+                        "check the AP on your data first")
+    p.add_argument("--half", action="store_true", help="same as --precision fp16")
+    p.add_argument("--prefetch", type=int, default=2, help="micrographs read ahead of the network (default 2)")
+    p.add_argument("--readers", type=int, default=None,
+                   help="threads reading and normalising micrographs (default 1 on CPU, up to 4 on GPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_arguments(p)
 
 
+def _listed(path: Path) -> list[str]:
+    """Micrograph paths named by a list file (.txt, RELION .star, cryoSPARC .cs)."""
+    suffix = path.suffix.lower()
+    if suffix == ".star":
+        import starfile
+
+        tables = starfile.read(path, always_dict=True)
+        table = next((t for t in tables.values() if hasattr(t, "columns") and "rlnMicrographName" in t.columns), None)
+        if table is None:
+            raise ValueError(f"{path}: no table with rlnMicrographName")
+        return [str(v) for v in table["rlnMicrographName"]]
+    if suffix == ".cs":
+        from cryosparc.dataset import Dataset
+
+        data = Dataset.load(str(path))
+        if "micrograph_blob/path" not in data.fields():
+            raise ValueError(f"{path}: no micrograph_blob/path field (is it an exposures .cs?)")
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in data["micrograph_blob/path"]]
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def micrograph_inputs(items: list[str], project_dir: str = ".") -> list[Path]:
+    """Expand folders and list files into micrograph paths (relative list entries start at ``project_dir``)."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.suffix.lower() in (".txt", ".list", ".star", ".cs") and p.is_file():
+            out += [q if q.is_absolute() else Path(project_dir) / q for q in map(Path, _listed(p))]
+        else:
+            out += expand([item])
+    return out
+
+
+def run_settings(args, model_path: str | None, feature_model: str, formats: set[str]) -> dict:
+    """What decides the picks: a folder's outputs are only reused under the same settings."""
+    return {"model": f"sha1:{file_sha1(Path(model_path).with_suffix('.npz'))}" if model_path else f"pretrained:{feature_model}",
+            "feature_model": feature_model, "working_pixel_size": args.working_pixel_size,
+            "pixel_size": args.pixel_size, "radius_px": args.radius_px, "diameter_A": args.diameter_A,
+            "threshold": args.threshold, "precision": precision_of(args), "formats": sorted(formats)}
+
+
+def precision_of(args) -> str:
+    """--precision, with --half as its fp16 shorthand."""
+    p = getattr(args, "precision", None)
+    if getattr(args, "half", False):
+        if p not in (None, "fp16"):
+            raise ValueError(f"--half means --precision fp16; it conflicts with --precision {p}")
+        return "fp16"
+    return p or "fp32"
+
+
 def main(args) -> int:
+    from tqdm import tqdm
+
+    from ..features import resolve_precision
+    from ..predict import PredictSettings, resolve_device, stream_predict
+
     apply_threads(args)
+    shard = Shard.parse(args.shard)
+    formats = {f.strip() for f in args.format.split(",") if f.strip()} | {"txt"}
+    unknown = formats - set(FORMATS)
+    if unknown:
+        raise ValueError(f"--format: unknown {', '.join(sorted(unknown))}; choose from {', '.join(FORMATS)}")
+    device = resolve_device(args.device)
+    precision = precision_of(args)
+    resolve_precision(precision, device)  # refuse fp16 on the CPU before anything is read or written
     model = BLR.load(args.model) if args.model else None
     feature_model = model.meta.get("feature_model", args.feature_model) if model else args.feature_model
-    s = EngineSettings(radius_px=args.radius_px, diameter_A=args.diameter_A, feature_model=feature_model,
-                       working_pixel_size=args.working_pixel_size, cache_dir=args.cache_dir, device=args.device)
-    specs = [MicrographSpec(str(f), f.stem, args.pixel_size) for f in expand(args.micrographs)]
+    engine = EngineSettings(radius_px=args.radius_px, diameter_A=args.diameter_A, feature_model=feature_model,
+                            working_pixel_size=args.working_pixel_size, device=args.device)
+    files = micrograph_inputs(args.micrographs, args.project_dir)
+    by_name: dict[str, Path] = {}
+    for f in files:
+        if f.stem in by_name and by_name[f.stem] != f:
+            raise ValueError(f"two micrographs share the name {f.stem}: {by_name[f.stem]} and {f}")
+        by_name[f.stem] = f
     out = Path(args.out_dir)
-    formats = {f.strip() for f in args.format.split(",")}
+    settings = run_settings(args, args.model, feature_model, formats)
+    reconcile_manifest(out, settings, [{"name": n, "path": str(by_name[n])} for n in sorted(by_name)],
+                       overwrite=args.overwrite)
+    mine = shard.select(list(by_name))
+    todo = [n for n in mine if args.overwrite or not is_complete(out, n, formats)]
+    batch = args.batch_size or (4 if device.startswith("cuda") else 1)
+    ps = PredictSettings(feature_model=feature_model, working_pixel_size=args.working_pixel_size, device=device,
+                         batch_size=batch, precision=precision, prefetch=args.prefetch, readers=args.readers,
+                         threshold=args.threshold)
+    print(f"shard {shard}: {len(mine)} of {len(by_name)} micrographs, {len(mine) - len(todo)} already done, "
+          f"{len(todo)} to pick on {device} (batch {batch}, {precision})")
     t = time.perf_counter()
-    all_picks = []
-    for it, picks in predict(featurise(specs, s), model, lambda it: s.radius_for(it.mic.frame.pixel_size),
-                             args.threshold):
-        all_picks.append(picks)
-        if "star" in formats:
-            write_picks_star(out / f"{picks.name}_picks.star", picks)
-    if "txt" in formats:
-        write_topaz(out / "picks.txt", all_picks)
-    import numpy as np
-
-    scores = np.concatenate([p.score for p in all_picks]) if all_picks else np.empty(0)
-    thr = suggest_threshold(scores)
-    n = int((scores >= thr).sum())
-    print(f"{len(all_picks)} micrographs, {scores.size} picks in {time.perf_counter() - t:.1f} s; "
-          f"suggested threshold {thr:.3f} keeps {n} picks -> {out}")
-    return 0
+    failed = 0
+    inputs = [(n, str(by_name[n]), n, args.pixel_size) for n in todo]
+    bar = tqdm(total=len(todo), unit="mic", desc="predict", disable=args.no_progress or not todo)
+    for res in stream_predict(inputs, model, lambda _k, mic: engine.radius_for(mic.frame.pixel_size), ps):
+        if res.picks is None:
+            failed += 1
+            write_error(out, res.name, res.error or "unreadable")
+            bar.write(f"skipped {res.name}: {res.error}")
+        else:
+            write_micrograph(out, res.picks, formats)
+        bar.update(1)
+    bar.close()
+    dt = time.perf_counter() - t
+    rate = f", {len(todo) / dt:.2f} mic/s" if todo and dt > 0 else ""
+    print(f"picked {len(todo) - failed} micrograph(s) in {dt:.1f} s{rate}" + (f"; {failed} unreadable" if failed else ""))
+    if shard.count > 1:
+        print(f"when every shard has finished: cryoal merge {out}")
+        return 1 if failed else 0
+    merged = merge(out, partial=bool(failed))
+    thr = suggest_threshold(merged.scores)
+    n = int((merged.scores >= thr).sum())
+    print(f"{merged.micrographs} micrographs, {merged.picks} picks -> {out / 'picks.txt'}; "
+          f"suggested threshold {thr:.3f} keeps {n} picks")
+    return 1 if failed else 0
