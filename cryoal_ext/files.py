@@ -16,6 +16,16 @@ class CoordinateFileError(ValueError):
     """A coordinate file that cannot be read, with the file named in the message."""
 
 
+def _numbers(path: Path, column: pd.Series, what: str) -> pd.Series:
+    """``column`` as floats; a missing or non-numeric entry is a CoordinateFileError naming the file."""
+    values = pd.to_numeric(column, errors="coerce").astype(float)
+    bad = ~np.isfinite(values.to_numpy())
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise CoordinateFileError(f"{path}: {what} of data row {i + 1} is missing or not a number ({column.iloc[i]!r})")
+    return values
+
+
 def _name_of(value: str) -> str:
     from .io import micrograph_name
 
@@ -43,10 +53,10 @@ def read_coordinates(path: str | os.PathLike) -> pd.DataFrame:
         if "rlnMicrographName" not in table.columns:
             raise CoordinateFileError(f"{path}: STAR table lacks rlnMicrographName")
         out = pd.DataFrame({"image_name": table["rlnMicrographName"].map(_name_of),
-                            "x": table["rlnCoordinateX"].astype(float),
-                            "y": table["rlnCoordinateY"].astype(float)})
+                            "x": _numbers(path, table["rlnCoordinateX"], "rlnCoordinateX"),
+                            "y": _numbers(path, table["rlnCoordinateY"], "rlnCoordinateY")})
         if "rlnAutopickFigureOfMerit" in table.columns:
-            out["score"] = table["rlnAutopickFigureOfMerit"].astype(float)
+            out["score"] = _numbers(path, table["rlnAutopickFigureOfMerit"], "rlnAutopickFigureOfMerit")
         return out
     try:
         df = pd.read_csv(path, sep=r"\s+", dtype={"image_name": str})
@@ -56,10 +66,10 @@ def read_coordinates(path: str | os.PathLike) -> pd.DataFrame:
     if missing:
         raise CoordinateFileError(f"{path}: missing column(s) {', '.join(sorted(missing))} "
                                   "(expected Topaz-style 'image_name x_coord y_coord [score]')")
-    out = pd.DataFrame({"image_name": df["image_name"].astype(str), "x": df["x_coord"].astype(float),
-                        "y": df["y_coord"].astype(float)})
+    out = pd.DataFrame({"image_name": df["image_name"].astype(str), "x": _numbers(path, df["x_coord"], "x_coord"),
+                        "y": _numbers(path, df["y_coord"], "y_coord")})
     if "score" in df.columns:
-        out["score"] = df["score"].astype(float)
+        out["score"] = _numbers(path, df["score"], "score")
     return out
 
 

@@ -9,13 +9,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .acquisition import Proposal, block_labelled, entropy, peaks
+from .acquisition import Proposal, entropy_peaks, peaks
 from .extract import Picks, extract_picks, sigmoid
-from .features import FeatureMap, head_of
+from .features import FeatureMap, blas_threads, head_of
 from .io import Micrograph
 from .labels import Label
 from .model import BLR
 from .recipes import Recipe
+
+
+IN_MEMORY_LIMIT = 4 << 30  # bytes of float32 training features kept in RAM; above it, memory-mapped float16
 
 
 @dataclass
@@ -44,6 +47,9 @@ class ActiveLearner:
                  seed: int = 0):
         if not items:
             raise ValueError("no training micrographs")
+        if sum(it.fmap.nbytes_float32 for it in items) <= IN_MEMORY_LIMIT:
+            # float32 copies in RAM: every round reads all training pixels (logits) and gathers label rows
+            items = [Item(it.mic, it.fmap.in_memory()) for it in items]
         self.items = {it.mic.name: it for it in items}
         self.radius_px = float(radius_px)
         self.recipe = recipe
@@ -53,6 +59,7 @@ class ActiveLearner:
         self._logits: dict[str, np.ndarray] = {}
         self.last_fit_s = 0.0
         self._unlabelled = self._sample_unlabelled()
+        self._pi: float | None = None
         self._pseudo = self._pseudo_labels()
 
     # --- geometry helpers ----------------------------------------------------------------------
@@ -145,17 +152,39 @@ class ActiveLearner:
             return head_of(self.feature_model)
         return None
 
-    def fit(self, labels: list[Label]) -> BLR:
+    def pi(self) -> float:
+        """Prior positive fraction: the recipe's constant, or what the pretrained head expects on these micrographs.
+
+        Why the latter: a constant pi that disagrees with the pretrained head drags the bias away from
+        the prior before labels can say anything (the seed's pi=0.01 assumes a particle density).
+        """
+        r = self.recipe
+        if r.pi_source == "constant" or self._unlabelled is None:
+            return r.pi
+        if r.pi_source != "pretrained":
+            raise ValueError(f"unknown pi_source {r.pi_source!r}; choose constant or pretrained")
+        if self._pi is None:
+            w0, b0 = head_of(self.feature_model)
+            p = sigmoid(self._unlabelled.astype(np.float64) @ w0 + b0)
+            self._pi = float(np.clip(p.mean(), 1e-4, 0.5))
+        return self._pi
+
+    def fit(self, labels: list[Label], start: BLR | None = None) -> BLR:
+        """Fit on ``labels``; Newton starts from ``start`` or the last fit (same optimum, fewer steps)."""
         t = time.perf_counter()
         r = self.recipe
         X, y, w = self.training_set(labels)
-        model = BLR(l2=r.l2, pi=r.pi, pi_weight=r.pi_weight, standardise=r.standardise)
+        model = BLR(l2=r.l2, pi=self.pi(), pi_weight=r.pi_weight, standardise=r.standardise)
         if X.shape[0] == 0 and self.recipe.prior == "pretrained":
             w0, b0 = head_of(self.feature_model)
             model.coef_, model.intercept_ = w0, b0
             model.prior_coef_, model.prior_intercept_ = w0, b0
         else:
-            model.fit(X, y, w, unlabelled=self._unlabelled, prior=self.prior())
+            warm = start if start is not None else self.model
+            if warm is not None and warm.coef_ is not None:
+                model.coef_, model.intercept_ = warm.coef_, warm.intercept_
+            with blas_threads(1):  # small dense products: thread hand-offs cost more than they save
+                model.fit(X, y, w, unlabelled=self._unlabelled, prior=self.prior(), warm_start=warm is not None)
         model.meta = {"feature_model": self.feature_model, "recipe": r.to_dict(), "radius_px": self.radius_px,
                       "working_pixel_size": float(np.mean([it.mic.frame.working_pixel_size for it in self.items.values()]))}
         self.model = model
@@ -172,13 +201,20 @@ class ActiveLearner:
         return self._logits[name]
 
     # --- proposals -----------------------------------------------------------------------------
-    def _candidates(self, values_of, labels: list[Label]) -> dict[str, list[tuple[float, float, float, float]]]:
-        """Per micrograph: peaks of ``values_of(name)`` as (value, x, y, prob), best first."""
+    def _peaks(self, kind: str, name: str, k: int, exclude):
+        """The k best peaks of the entropy, the logit or minus the logit: exactly the full NMS's first k."""
+        rw = self.radius_w(name)
+        if kind == "entropy":
+            return entropy_peaks(self.logits(name), rw, k, exclude=exclude)
+        values = self.logits(name) if kind == "logit" else -self.logits(name)
+        return peaks(values, rw, exclude=exclude, max_peaks=k)
+
+    def _candidates(self, kind: str, labels: list[Label], k: int) -> dict[str, list[tuple[float, float, float, float]]]:
+        """Per micrograph: its k best peaks (``_take`` never uses more) as (value, x, y, prob), best first."""
         idx = self._label_index(labels)
         out = {}
         for name, it in self.items.items():
-            rw = self.radius_w(name)
-            iy, ix, v = peaks(values_of(name), rw, exclude=idx.get(name))
+            iy, ix, v = self._peaks(kind, name, k, idx.get(name))
             keep = np.isfinite(v)
             iy, ix, v = iy[keep], ix[keep], v[keep]
             x, y = it.mic.frame.to_original(ix, iy)
@@ -207,15 +243,15 @@ class ActiveLearner:
         """The k most uncertain peaks (entropy), spread as the recipe says; some confident ones if asked."""
         r = self.recipe
         n_conf = int(round(k * r.confident_fraction)) if self.model is not None else 0
-        unc = self._take(self._candidates(lambda n: entropy(self.logits(n)), labels), k - n_conf, "uncertain", r.spread)
+        unc = self._take(self._candidates("entropy", labels, k - n_conf), k - n_conf, "uncertain", r.spread)
         return unc + self._confident(n_conf, labels + [Label(p.micrograph, p.x, p.y, 0) for p in unc])
 
     def _confident(self, k: int, labels: list[Label]) -> list[Proposal]:
         if k <= 0:
             return []
         n_pos = (k + 1) // 2
-        pos = self._take(self._candidates(self.logits, labels), n_pos, "positive", "micrographs")
-        neg = self._take(self._candidates(lambda n: -self.logits(n), labels), k - n_pos, "negative", "micrographs")
+        pos = self._take(self._candidates("logit", labels, n_pos), n_pos, "positive", "micrographs")
+        neg = self._take(self._candidates("-logit", labels, k - n_pos), k - n_pos, "negative", "micrographs")
         return pos + neg
 
     def initial_proposals(self, k: int, labels: list[Label] | None = None) -> list[Proposal]:
@@ -225,7 +261,7 @@ class ActiveLearner:
         n_neg = max(1, k // 5) if k >= 3 else 0
         saved, self.model = self.model, None  # proposals from the pretrained score
         try:
-            props = self._take(self._candidates(lambda n: entropy(self.logits(n)), labels), k - n_pos - n_neg,
+            props = self._take(self._candidates("entropy", labels, k - n_pos - n_neg), k - n_pos - n_neg,
                                "uncertain", "micrographs")
             taken = labels + [Label(p.micrograph, p.x, p.y, 0) for p in props]
             props += self._confident(n_pos + n_neg, taken)

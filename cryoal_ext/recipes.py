@@ -14,6 +14,7 @@ class Recipe:
     l2: float = 1.0
     pi: float = 0.01
     pi_weight: float = 1.0
+    pi_source: str = "constant"  # 'constant': pi as given; 'pretrained': the pretrained head's mean probability
     standardise: bool = False
     unlabelled_sample: int = 20000  # pixels for the expectation term (0: every pixel)
     # label geometry

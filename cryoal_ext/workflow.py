@@ -81,6 +81,17 @@ class RoundResult:
     propose_s: float
 
 
+def _previous_model(session: Session, feature_model: str) -> BLR | None:
+    """Last round's model as the solver's starting point (same optimum, fewer steps); None if unusable."""
+    try:
+        prev = BLR.load(session.model_path) if session.model_path.exists() else None
+    except (OSError, ValueError, KeyError):
+        return None
+    if prev is None or prev.meta.get("feature_model", feature_model) != feature_model:
+        return None
+    return prev
+
+
 def labelling_round(session: Session, items: list[Item], recipe: Recipe, radius_px: float, batch: int,
                     feature_model: str, seed: int = 0) -> RoundResult:
     """Fit on every label so far, propose the next batch, save model and proposals in the session."""
@@ -89,7 +100,7 @@ def labelling_round(session: Session, items: list[Item], recipe: Recipe, radius_
     t = time.perf_counter()
     model = None
     if labels or recipe.pseudo_labels > 0:
-        model = learner.fit(labels)
+        model = learner.fit(labels, start=_previous_model(session, feature_model))
         model.save(session.model_path, round=session.round, n_labels=len(labels))
     fit_s = time.perf_counter() - t
     t = time.perf_counter()

@@ -1,0 +1,241 @@
+"""Topaz features and their cache, and the active learner's proposals, on the bundled example crops."""
+from __future__ import annotations
+
+import os
+import sys
+
+import mrcfile
+import numpy as np
+import pytest
+
+from cryoal_ext.acquisition import block_labelled, entropy, entropy_peaks, peaks
+from cryoal_ext.features import FeatureCache, head_of
+from cryoal_ext.files import by_micrograph, read_coordinates
+from cryoal_ext.io import load_micrograph
+from cryoal_ext.labels import Label
+from cryoal_ext.learner import ActiveLearner, Item
+from cryoal_ext.oracle import Oracle
+from cryoal_ext.recipes import get_recipe
+
+sys.path.insert(0, os.path.dirname(__file__))  # conftest helpers, under any pytest import mode
+from conftest import write_mrc  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+RADIUS = 28.0  # EMPIAR-10028 particle radius in pixels of the example crops
+TRAIN = ("061_10028_crop", "311_10028_crop")
+
+
+@pytest.fixture(scope="module")
+def example_items(example_data, feature_cache) -> dict[str, Item]:
+    cache = FeatureCache(feature_cache, "resnet16_u32", "cpu")
+    items = {}
+    for name in TRAIN:
+        mic = load_micrograph(example_data / "micrographs" / f"{name}.mrc")
+        items[name] = Item(mic, cache.get(mic))
+    return items
+
+
+@pytest.fixture(scope="module")
+def example_truth(example_data):
+    return by_micrograph(read_coordinates(example_data / "particles.txt"))
+
+
+@pytest.fixture
+def small_mrc(example_data, tmp_path):
+    """A 200 x 160 piece of an example crop as float32 (features in a fraction of a second)."""
+    with mrcfile.open(example_data / "micrographs" / "061_10028_crop.mrc", permissive=True) as m:
+        data = np.asarray(m.data, dtype=np.float32)[100:300, 150:310]
+        ps = float(m.voxel_size.x)
+    return write_mrc(tmp_path / "piece.mrc", data, ps)
+
+
+# --- features ------------------------------------------------------------------------------------
+def test_features_have_128_channels_and_the_baseline_is_the_pretrained_head(example_items):
+    it = example_items["061_10028_crop"]
+    assert it.mic.frame.working_shape == (343, 343)  # 512 px at 5.36 A -> 8 A
+    assert it.fmap.features.shape == (128, 343, 343) and it.fmap.features.dtype == np.float16
+    assert it.fmap.score.shape == (343, 343) and it.fmap.shape == (343, 343)
+    assert np.all(np.isfinite(it.fmap.score))
+    # the baseline logit is Topaz's linear head on these features (up to float16 rounding of the features)
+    w, b = head_of("resnet16_u32")
+    assert w.shape == (128,)
+    again = np.tensordot(w.astype(np.float32), np.asarray(it.fmap.features, np.float32), axes=(0, 0)) + b
+    assert np.abs(again - it.fmap.score).max() < 0.02
+    # rows at given pixels
+    rows = it.fmap.at(np.array([0, 10, 342]), np.array([5, 20, 342]))
+    assert rows.shape == (3, 128) and rows.dtype == np.float32
+    np.testing.assert_array_equal(rows[1], np.asarray(it.fmap.features[:, 10, 20], np.float32))
+
+
+def test_cache_hit_returns_the_same_features_without_recompute(small_mrc, tmp_path):
+    folder = tmp_path / "cache"
+    mic = load_micrograph(small_mrc)
+    first = FeatureCache(folder, "resnet16_u32", "cpu")
+    a = first.get(mic)
+    assert (first.hits, first.misses) == (0, 1)
+    files = sorted(folder.iterdir())
+    assert [f.name.split(".")[-2:] for f in files] == [["features", "npy"], ["score", "npy"]]
+    assert not [f for f in files if ".tmp" in f.name]
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+
+    second = FeatureCache(folder, "resnet16_u32", "cpu")  # a new process would start like this
+    b = second.get(load_micrograph(small_mrc))
+    assert (second.hits, second.misses) == (1, 0)
+    assert isinstance(b.features, np.memmap)
+    np.testing.assert_array_equal(np.asarray(b.features), np.asarray(a.features))
+    np.testing.assert_array_equal(b.score, a.score)
+    assert {f: f.stat().st_mtime_ns for f in sorted(folder.iterdir())} == mtimes  # nothing rewritten
+    # no cache folder: computed every time, and the same numbers
+    none = FeatureCache(None, "resnet16_u32", "cpu")
+    c = none.get(mic)
+    assert (none.hits, none.misses) == (0, 1)
+    np.testing.assert_array_equal(c.features, np.asarray(a.features))
+
+
+def test_cache_key_changes_with_model_content_and_scale(small_mrc, tmp_path):
+    folder = tmp_path / "cache"
+    mic = load_micrograph(small_mrc)
+    c16 = FeatureCache(folder, "resnet16_u32", "cpu")
+    f16 = c16.get(mic)
+    c8 = FeatureCache(folder, "resnet8_u32", "cpu")
+    f8 = c8.get(mic)
+    assert (c8.hits, c8.misses) == (0, 1)  # another model: not served from the resnet16 entry
+    assert len(list(folder.glob("*.features.npy"))) == 2
+    assert not np.array_equal(np.asarray(f8.features), np.asarray(f16.features))
+    assert c8.get(mic) is not None and c8.hits == 1
+
+    # another working scale: another entry
+    coarse = load_micrograph(small_mrc, working_pixel_size=12.0)
+    c16.get(coarse)
+    assert c16.misses == 2 and c16.hits == 0
+    # same file name, changed content: not served from the old entry
+    with mrcfile.open(small_mrc, mode="r+") as m:
+        m.data[:20] = m.data[:20][::-1]
+    changed = load_micrograph(small_mrc)
+    assert changed.name == mic.name and changed.digest != mic.digest
+    c16.get(changed)
+    assert c16.misses == 3 and c16.hits == 0
+
+
+def test_damaged_cache_entry_is_recomputed(small_mrc, tmp_path):
+    folder = tmp_path / "cache"
+    mic = load_micrograph(small_mrc)
+    ref = FeatureCache(folder).get(mic)
+    ref_feats = np.array(ref.features)
+    del ref
+    (fpath,) = folder.glob("*.features.npy")
+    raw = fpath.read_bytes()
+    fpath.write_bytes(raw[: len(raw) // 3])
+    cache = FeatureCache(folder)
+    again = cache.get(mic)
+    assert (cache.hits, cache.misses) == (0, 1)
+    np.testing.assert_array_equal(np.asarray(again.features), ref_feats)
+    assert fpath.stat().st_size == len(raw)
+
+
+def test_unknown_feature_model_is_refused(small_mrc, tmp_path):
+    with pytest.raises(ValueError, match="resnet99"):
+        FeatureCache(tmp_path, "resnet99").get(load_micrograph(small_mrc))
+
+
+# --- acquisition -----------------------------------------------------------------------------------
+def test_entropy_values():
+    z = np.array([0.0, 1.0, -1.0, 30.0, -30.0, 1000.0])
+    h = entropy(z)
+    assert h[0] == pytest.approx(np.log(2.0), rel=1e-6)
+    p = 1 / (1 + np.exp(-1.0))
+    assert h[1] == pytest.approx(-(p * np.log(p) + (1 - p) * np.log(1 - p)), rel=1e-6)
+    assert h[1] == h[2] and h[3] == h[4]
+    assert np.all(np.isfinite(h)) and h[5] == 0.0 and 0 < h[3] < 1e-11
+    assert np.all(np.diff(entropy(np.linspace(0, 20, 50))) <= 0)  # falls with |logit|
+
+
+def _logit_map(seed=0, shape=(120, 150)):
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    return (gaussian_filter(rng.normal(size=shape), 3.0) * 40).astype(np.float32)
+
+
+@pytest.mark.parametrize("radius", [3.0, 7.5, 12.0])
+def test_entropy_peaks_are_separated_and_avoid_labelled_spots(radius):
+    z = _logit_map()
+    exclude = (np.array([60, 10]), np.array([75, 140]))  # (iy, ix) of two labelled pixels
+    iy, ix, v = entropy_peaks(z, radius, k=25, exclude=exclude)
+    assert iy.size == 25
+    assert np.all(np.diff(v) <= 0)
+    d2 = (iy[:, None] - iy[None]) ** 2 + (ix[:, None] - ix[None]) ** 2
+    np.fill_diagonal(d2, 10 ** 9)
+    assert d2.min() > radius * radius  # peaks at least the suppression radius apart
+    for ey, ex in zip(*exclude):
+        assert np.min((iy - ey) ** 2 + (ix - ex) ** 2) > radius * radius  # never at a labelled spot
+    np.testing.assert_array_equal(v, entropy(z)[iy, ix])
+    # the same answer as the plain computation over every pixel
+    fy, fx, fv = peaks(entropy(z), radius, exclude=exclude, max_peaks=25)
+    assert iy.tolist() == fy.tolist() and ix.tolist() == fx.tolist()
+    # the first peak is the most uncertain pixel outside the labelled discs
+    assert v[0] == np.max(block_labelled(entropy(z), exclude[0], exclude[1], radius))
+
+
+# --- the learner ---------------------------------------------------------------------------------
+def _dist_ok(props, labels, radius_px, label_slack=1.2):
+    """Every proposal is further than radius_px from every label on its micrograph and from every other proposal.
+
+    Labels are blocked around their nearest working pixel, so a label between pixels may sit up to
+    half a working pixel diagonally (0.71 x 1.49 = 1.06 file pixels here) closer: ``label_slack``.
+    """
+    for p in props:
+        same = [l for l in labels if l.micrograph == p.micrograph]
+        if same:
+            d = np.hypot([l.x - p.x for l in same], [l.y - p.y for l in same])
+            assert d.min() > radius_px - label_slack, (p, d.min())
+    for i, p in enumerate(props):
+        for q in props[i + 1 :]:
+            if p.micrograph == q.micrograph:
+                assert np.hypot(p.x - q.x, p.y - q.y) > radius_px - 1e-6, (p, q)
+
+
+def test_learner_rounds_never_repropose_labelled_spots(example_items, example_truth):
+    learner = ActiveLearner(list(example_items.values()), RADIUS, get_recipe("default"), seed=0)
+    oracle = Oracle(example_truth, RADIUS, "careful")
+    props = learner.initial_proposals(10)
+    assert len(props) == 10
+    kinds = [p.kind for p in props]
+    assert kinds.count("positive") == 2 and kinds.count("negative") == 2 and kinds.count("uncertain") == 6
+    assert {p.micrograph for p in props} == set(TRAIN)  # spread over the training micrographs
+    assert all(0.0 <= p.score <= 1.0 for p in props)
+    _dist_ok(props, [], RADIUS)
+    # the oracle answers every proposal; the careful oracle re-centres hits on the true particle
+    labels = oracle.answer(props, 0)
+    assert len(labels) == 10 and 0 < sum(l.label for l in labels) < 10
+    # a label on a micrograph the learner does not hold is ignored, not an error
+    labels.append(Label("not_a_training_micrograph", 10.0, 10.0, 1))
+    shown = list(props)
+    for rnd in (1, 2, 3):
+        model = learner.fit(labels)
+        assert model.coef_.shape == (128,)
+        k = 7 if rnd == 2 else 10
+        props = learner.propose(k, labels)
+        assert len(props) == k  # the batch size
+        _dist_ok(props, labels, RADIUS)
+        # nothing shown before is shown again: every earlier proposal was labelled at (or near) its spot
+        for p in props:
+            assert all(np.hypot(p.x - q.x, p.y - q.y) > 1.0 for q in shown if q.micrograph == p.micrograph)
+        shown += props
+        labels += oracle.answer(props, rnd)
+    pk = learner.picks(example_items[TRAIN[0]].mic, example_items[TRAIN[0]].fmap)
+    assert len(pk) > 0 and np.all((pk.score > 0) & (pk.score <= 1))
+    assert pk.x.max() < 512 and pk.y.max() < 512
+
+
+def test_learner_excludes_labels_given_before_round_zero(example_items):
+    learner = ActiveLearner(list(example_items.values()), RADIUS, get_recipe("default"), seed=0)
+    first = learner.initial_proposals(10)
+    # label exactly the spots it would have proposed: none of them may come back
+    given = [Label(p.micrograph, p.x, p.y, 0) for p in first]
+    again = learner.initial_proposals(10, given)
+    assert len(again) == 10
+    _dist_ok(again, given, RADIUS, label_slack=1e-6)  # labels on working pixels: exact
+    fewer = learner.initial_proposals(4, given)
+    assert len(fewer) == 4
