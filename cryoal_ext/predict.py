@@ -51,7 +51,7 @@ class PredictSettings:
     precision: str | None = None  # backbone under autocast: fp32 (None), fp16 (CUDA only), bf16
     prefetch: int = 2  # micrographs read ahead / logit maps waiting for NMS
     readers: int | None = None  # threads reading + normalising (None: 1 on CPU, up to 4 on CUDA)
-    channels_last: bool | None = None  # NHWC activations (None: on CUDA with fp16/bf16, off otherwise)
+    channels_last: bool | None = None  # NHWC activations (None: on CUDA, off on the CPU; H100: 1.3x)
     threshold: float | None = None  # keep picks with probability >= this
     min_score: float = 1e-4  # drop the hopeless tail (as extract_picks)
 
@@ -223,7 +223,9 @@ def stream_predict(
     device = resolve_device(s.device)
     on_cuda = device.startswith("cuda")
     precision = settings_precision(s)
-    channels_last = s.channels_last if s.channels_last is not None else (on_cuda and precision != "fp32")
+    # H100, 1024^2, resnet16_u32: NHWC gave 1.3x for fp16/bf16 and TF32 float32 (cuDNN's default), but
+    # 0.88x with TF32 turned off (benchmarks/README.md, GPU): on by default on CUDA
+    channels_last = s.channels_last if s.channels_last is not None else on_cuda
     net = picking_net(model, s.feature_model, device, precision=precision, channels_last=channels_last)
     if on_cuda:
         torch.backends.cudnn.benchmark = True  # one working shape repeats: let cuDNN pick its fastest kernels
@@ -366,7 +368,7 @@ def backbone_seconds(images: list[np.ndarray], model: BLR | None = None, feature
     device = resolve_device(device)
     precision = precision or ("fp16" if half else "fp32")
     if channels_last is None:
-        channels_last = device.startswith("cuda") and precision != "fp32"
+        channels_last = device.startswith("cuda")
     if net is None:
         net = picking_net(model, feature_model, device, precision=precision, channels_last=channels_last)
     if device.startswith("cuda"):
