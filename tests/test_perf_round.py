@@ -72,4 +72,5 @@ def test_landed_learner_is_the_benchmarked_fast_learner(bench, data):
         labels = labels + oracle.answer(pc)
         cur.fit(labels)
         exact.fit(labels)
-        np.testing.assert_array_equal(cur.model.coef_, exact.model.coef_)
+        # the package fits under one BLAS thread: same optimum to rounding
+        np.testing.assert_allclose(cur.model.coef_, exact.model.coef_, rtol=0, atol=1e-10)
