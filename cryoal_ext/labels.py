@@ -19,6 +19,7 @@ from .atomic import atomic_path
 
 log = logging.getLogger("cryoal_ext.labels")
 
+RETRACTED = -1  # a row that withdraws the label at its spot (a deletion in an interactive front end)
 COLUMNS = ["micrograph", "x", "y", "label", "source", "round", "time"]
 
 
@@ -56,9 +57,10 @@ class LabelStore:
         missing = {"micrograph", "x", "y", "label"} - set(df.columns)
         if missing:
             raise LabelFileError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-        bad = ~df["label"].isin([0, 1])
+        bad = ~df["label"].isin([0, 1, RETRACTED])
         if bad.any():
-            raise LabelFileError(f"{path}: label must be 0 or 1 (line {int(np.flatnonzero(bad)[0]) + 2})")
+            raise LabelFileError(f"{path}: label must be 0, 1 or {RETRACTED} (retracted) "
+                                 f"(line {int(np.flatnonzero(bad)[0]) + 2})")
         out = []
         for r in df.itertuples(index=False):
             out.append(Label(str(r.micrograph), float(r.x), float(r.y), int(r.label),
@@ -85,6 +87,22 @@ class LabelStore:
             self.save()
         return len(added)
 
+    def remove(self, micrograph: str, x: float, y: float, within_px: float | None = None, save: bool = True) -> int:
+        """Retract the current label(s) of ``micrograph`` within ``within_px`` of (x, y); returns how many.
+
+        Append-only like everything else: a retraction row (label ``RETRACTED``) is added at each
+        retracted label's spot, so the label drops out of :meth:`effective` (newest wins) while the
+        history, and the label itself, stay in the file.  A later label at that spot counts again.
+        """
+        r2 = (self.same_spot_px if within_px is None else float(within_px)) ** 2
+        now = time.time()
+        gone = [Label(l.micrograph, l.x, l.y, RETRACTED, "retracted", l.round, now) for l in self.effective()
+                if l.micrograph == micrograph and (l.x - x) ** 2 + (l.y - y) ** 2 <= r2]
+        self.labels.extend(gone)
+        if gone and save:
+            self.save()
+        return len(gone)
+
     def save(self) -> None:
         if self.path is None:
             return
@@ -103,7 +121,7 @@ class LabelStore:
             for j in idx:
                 old = kept[j]
                 if old is not None and (old.x - lab.x) ** 2 + (old.y - lab.y) ** 2 <= r2:
-                    if old.label != lab.label:
+                    if old.label != lab.label and RETRACTED not in (old.label, lab.label):
                         log.warning("conflicting labels at %s (%.1f, %.1f): %s then %s; the newest wins",
                                     lab.micrograph, lab.x, lab.y, _word(old.label), _word(lab.label))
                     kept[j] = None
@@ -112,7 +130,7 @@ class LabelStore:
                 idx[:] = [j for j in idx if kept[j] is not None]
             idx.append(len(kept))
             kept.append(lab)
-        return [l for l in kept if l is not None]
+        return [l for l in kept if l is not None and l.label != RETRACTED]
 
     def counts(self) -> tuple[int, int]:
         eff = self.effective()
