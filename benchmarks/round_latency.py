@@ -7,13 +7,14 @@ side by side in one process on the same cached features, 2 training micrographs,
   3x3-pixel labels, 100 pseudo-labels): the loss is written with torch tensors and differentiated
   by autograd, its expectation term runs over EVERY pixel of the training micrographs, L-BFGS
   drives it, then the entropy of every pixel and a full greedy NMS give the proposals.
-* ``current``: ``ActiveLearner.fit`` + ``propose`` as they are in cryoal_ext/learner.py today.
-* ``fast``: the same learner with the changes recommended to learner.py / model.py
-  (``benchmarks/proposed_learner_model.diff``), prototyped here as a subclass (``FastLearner``):
-  ``FeatureMap.in_memory`` (float32 features of the training micrographs in RAM), a Newton
-  solver (``newton_fit``: exact Hessian, converged to max|grad| < 1e-10) warm-started from the
-  last round's model, and ``entropy_peaks`` / ``peaks(max_peaks=k)`` (only the k best peaks are
-  needed, computed exactly).
+* ``current``: ``ActiveLearner.fit`` + ``propose`` as the package runs them (warm-started from
+  its own last fit).
+* ``fast``: the same learner (``FastLearner``), restarted every repeat from the previous round's
+  model, with each speed-up switchable for ``--ablation``: ``FeatureMap.in_memory`` (float32
+  features of the training micrographs in RAM), the Newton solver (exact Hessian, converged to
+  max|grad| < 1e-10), the warm start, and ``entropy_peaks`` / ``peaks(max_peaks=k)`` (only the k
+  best peaks are needed, computed exactly).  These changes were first prototyped here and
+  proposed as ``benchmarks/proposed_learner_model.diff``; they have since landed in the package.
 
 "Same answer": the current L-BFGS-B stops ~1e-3 (in the weights) short of its loss's optimum, a
 distance that moves with floating-point details (BLAS thread count), so the reference answer is
@@ -38,15 +39,14 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 
-from cryoal_ext.acquisition import Proposal, entropy, entropy_peaks, peaks
+from cryoal_ext.acquisition import Proposal, entropy, peaks
 from cryoal_ext.atomic import write_json
 from cryoal_ext.benchmark import BenchmarkSettings, load_data
 from cryoal_ext.extract import extract_picks, sigmoid
-from cryoal_ext.features import blas_threads, head_of
 from cryoal_ext.labels import Label
 from cryoal_ext.learner import ActiveLearner, Item
 from cryoal_ext.metrics import evaluate
-from cryoal_ext.model import BLR, _logit, _log_sigmoid, _sigmoid
+from cryoal_ext.model import BLR
 from cryoal_ext.oracle import Oracle
 from cryoal_ext.recipes import Recipe, get_recipe
 
@@ -54,227 +54,41 @@ DATA = Path(os.environ.get("CRYOAL_TEST_DATA", Path(__file__).resolve().parents[
 
 
 # --------------------------------------------------------------------------------------------
-# fast: the recommended learner.py / model.py changes, as a subclass
+# fast: the package learner, each speed-up switchable
 # --------------------------------------------------------------------------------------------
-def _loss_grad(params, theta, X, y, weight, U, w0):
-    """BLR.loss_and_grad (float64), also returning what the Hessian needs."""
-    w, b = theta[:-1], theta[-1]
-    n = max(float(weight.sum()), 1.0)
-    z = X @ w + b
-    sig = _sigmoid(z)
-    bce = -(y * _log_sigmoid(z) + (1.0 - y) * _log_sigmoid(-z))
-    loss = float(np.dot(weight, bce))
-    r = weight * (sig - y)
-    gw = X.T @ r
-    gb = float(r.sum())
-    dw = w - w0
-    loss += 0.5 * params.l2 * float(dw @ dw)
-    gw = gw + params.l2 * dw
-    aux = {"sig": sig}
-    if params.pi_weight > 0 and U is not None and U.shape[0] > 0:
-        pu = _sigmoid(U @ w + b)
-        m = float(np.clip(pu.mean(), 1e-12, 1 - 1e-12))
-        g = _logit(m) - _logit(params.pi)
-        loss += params.pi_weight * g * g
-        g1 = 1.0 / (m * (1.0 - m))
-        s = pu * (1.0 - pu) / U.shape[0]
-        gm = np.r_[U.T @ s, s.sum()]
-        gw = gw + 2.0 * params.pi_weight * g * g1 * gm[:-1]
-        gb += 2.0 * params.pi_weight * g * g1 * gm[-1]
-        aux.update(pu=pu, m=m, g=g, g1=g1, s=s, gm=gm)
-    return loss / n, np.r_[gw, gb] / n, aux
-
-
-def _gram(A32: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """[A 1]^T diag(c) [A 1] for the bias-augmented rows, in float32 (only the step direction uses it)."""
-    d = A32.shape[1]
-    Ac = A32 * c.astype(np.float32)[:, None]
-    H = np.empty((d + 1, d + 1))
-    H[:d, :d] = Ac.T @ A32
-    H[:d, d] = H[d, :d] = Ac.sum(0, dtype=np.float64)
-    H[d, d] = float(c.sum())
-    return H
-
-
-def _hessian(params, weight, X32, U32, aux) -> np.ndarray:
-    """Exact Hessian of the BLR loss (BCE + L2 + expectation term)."""
-    sig = aux["sig"]
-    n = max(float(weight.sum()), 1.0)
-    H = _gram(X32, weight * sig * (1.0 - sig))
-    d = X32.shape[1]
-    H[np.arange(d), np.arange(d)] += params.l2
-    if "pu" in aux:
-        m, g, g1, pu, s, gm = aux["m"], aux["g"], aux["g1"], aux["pu"], aux["s"], aux["gm"]
-        g2 = (2.0 * m - 1.0) / (m * (1.0 - m)) ** 2
-        H += 2.0 * params.pi_weight * ((g1 * g1 + g * g2) * np.outer(gm, gm) + g * g1 * _gram(U32, s * (1.0 - 2.0 * pu)))
-    return H / n
-
-
-def newton_fit(model: BLR, X, y, weight, unlabelled, prior, start_from: BLR | None = None,
-               gtol: float = 1e-10, max_iter: int = 50) -> BLR:
-    """BLR.fit solved by Newton's method (exact Hessian, d = 129) to a tight gradient tolerance.
-
-    Why: L-BFGS-B needs ~140 gradient evaluations and stops ~4e-4 (in the weights) short of the
-    optimum, a distance that already changes with the BLAS thread count; Newton reaches the
-    optimum (max |gradient| < 1e-10) in 4-7 steps, 4 from the previous round's weights.
-    Gradients and losses are float64; the Hessian (only the step direction) float32.
-    A failed Newton (non-convex region) falls back to L-BFGS-B from where it stopped.
-    """
-    X = np.asarray(X, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    weight = np.asarray(weight, dtype=np.float64)
-    U = None if unlabelled is None else np.asarray(unlabelled, dtype=np.float64)
-    d = X.shape[1]
-    if model.params.standardise:
-        ref = U if U is not None and U.shape[0] > 1 else X
-        model.mean_, model.scale_ = ref.mean(axis=0), ref.std(axis=0) + 1e-6
-        X = (X - model.mean_) / model.scale_
-        U = None if U is None else (U - model.mean_) / model.scale_
-    else:
-        model.mean_, model.scale_ = np.zeros(d), np.ones(d)
-    X32 = X.astype(np.float32)
-    U32 = None if U is None else U.astype(np.float32)
-    w0_raw, b0_raw = (np.zeros(d), 0.0) if prior is None else (np.asarray(prior[0], float), float(prior[1]))
-    model.prior_coef_, model.prior_intercept_ = w0_raw, b0_raw
-    w0, b0 = model._to_std(w0_raw, b0_raw)
-    if start_from is not None and start_from.coef_ is not None and start_from.coef_.shape[0] == d:
-        theta = np.r_[model._to_std(start_from.coef_, start_from.intercept_)]
-    else:
-        theta = np.r_[w0, b0]
-    p = model.params
-    f, g, aux = _loss_grad(p, theta, X, y, weight, U, w0)
-    it = 0
-    while it < max_iter and np.abs(g).max() > gtol:
-        H = _hessian(p, weight, X32, U32, aux)
-        lam = 0.0
-        while True:  # Levenberg damping where the Hessian is not positive definite
-            try:
-                chol = np.linalg.cholesky(H + lam * np.eye(d + 1))
-                break
-            except np.linalg.LinAlgError:
-                lam = max(10.0 * lam, 1e-8 * float(np.abs(np.diag(H)).max()))
-        step = -np.linalg.solve(chol.T, np.linalg.solve(chol, g))
-        slope = float(g @ step)
-        t = 1.0
-        while True:  # Armijo backtracking; the full step is taken near the optimum
-            f2, g2, aux2 = _loss_grad(p, theta + t * step, X, y, weight, U, w0)
-            if f2 <= f + 1e-4 * t * slope or t < 1e-8:
-                break
-            t *= 0.5
-        if t < 1e-8:
-            break
-        theta, f, g, aux = theta + t * step, f2, g2, aux2
-        it += 1
-    if np.abs(g).max() > gtol * 100:  # did not converge: let L-BFGS-B finish from here
-        res = minimize(model.loss_and_grad, theta, args=(X, y, weight, U, w0, b0), jac=True, method="L-BFGS-B",
-                       options={"maxiter": p.max_iter, "gtol": p.tol})
-        theta, it = res.x, it + int(res.nit)
-    model.n_iter_ = it
-    ws, bs = theta[:-1], float(theta[-1])
-    model.coef_ = ws / model.scale_
-    model.intercept_ = bs - float(np.dot(model.coef_, model.mean_))
-    return model
-
-
 @dataclass
 class FastOptions:
     in_memory: bool = True  # float32 features of the training micrographs in RAM
-    newton: bool = True  # newton_fit instead of L-BFGS-B
+    newton: bool = True  # Newton (exact Hessian) instead of L-BFGS-B
     warm_start: bool = True  # start from the last round's model
     topk: bool = True  # entropy_peaks / peaks(max_peaks=k)
-    one_blas_thread: bool = False  # only matters for L-BFGS-B (two OpenBLAS pools spin against each other)
 
 
 class FastLearner(ActiveLearner):
-    """ActiveLearner with the recommended changes (see the module docstring)."""
+    """The package's learner with each speed-up switchable, for the ablation.
+
+    With the default options it is exactly ``ActiveLearner`` (the prototype that was
+    ``proposed_learner_model.diff`` has landed in cryoal_ext/learner.py and model.py).
+    ``warm_from`` is the model the next fit starts from, so a timed round can restart from the
+    same previous round every repeat.
+    """
 
     def __init__(self, items: list[Item], radius_px: float, recipe: Recipe, feature_model: str = "resnet16_u32",
                  seed: int = 0, options: FastOptions | None = None):
-        self.options = options or FastOptions()
-        if self.options.in_memory:
-            items = [Item(it.mic, it.fmap.in_memory()) for it in items]
-        super().__init__(items, radius_px, recipe, feature_model, seed)
-        self.warm_from: BLR | None = None  # the model the next fit starts from (the last round's)
+        self.options = o = options or FastOptions()
+        self.solver = "newton" if o.newton else "lbfgs"
+        self.warm_start, self.top_k = o.warm_start, o.topk
+        super().__init__(items, radius_px, recipe, feature_model, seed, in_memory=o.in_memory)
+        self.warm_from: BLR | None = None
 
     def fit(self, labels: list[Label]) -> BLR:
-        t = time.perf_counter()
-        r, o = self.recipe, self.options
-        start = self.warm_from if o.warm_start else None
-        with blas_threads(1 if o.one_blas_thread else None):
-            X, y, w = self.training_set(labels)
-            model = BLR(l2=r.l2, pi=r.pi, pi_weight=r.pi_weight, standardise=r.standardise)
-            if X.shape[0] == 0 and r.prior == "pretrained":
-                w0, b0 = head_of(self.feature_model)
-                model.coef_, model.intercept_ = w0, b0
-                model.prior_coef_, model.prior_intercept_ = w0, b0
-            elif o.newton:
-                newton_fit(model, X, y, w, self._unlabelled, self.prior(), start)
-            else:
-                if start is not None:
-                    model.coef_, model.intercept_ = start.coef_, start.intercept_
-                model.fit(X, y, w, unlabelled=self._unlabelled, prior=self.prior(), warm_start=start is not None)
-        model.meta = {"feature_model": self.feature_model, "recipe": r.to_dict(), "radius_px": self.radius_px}
-        self.model = model
+        model = super().fit(labels, start=self.warm_from)
         self.warm_from = model
-        self._logits = {}
-        self.last_fit_s = time.perf_counter() - t
         return model
-
-    def _peaks_of(self, kind: str, name: str, k: int, exclude):
-        rw = self.radius_w(name)
-        if not self.options.topk:
-            values = {"entropy": lambda: entropy(self.logits(name)), "logit": lambda: self.logits(name),
-                      "-logit": lambda: -self.logits(name)}[kind]()
-            return peaks(values, rw, exclude=exclude)
-        if kind == "entropy":
-            return entropy_peaks(self.logits(name), rw, k, exclude=exclude)
-        values = self.logits(name) if kind == "logit" else -self.logits(name)
-        return peaks(values, rw, exclude=exclude, max_peaks=k)
-
-    def _candidates_k(self, kind: str, labels: list[Label], k: int):
-        """``_candidates`` keeping only each micrograph's k best peaks: ``_take`` never uses more."""
-        idx = self._label_index(labels)
-        out = {}
-        for name, it in self.items.items():
-            iy, ix, v = self._peaks_of(kind, name, k, idx.get(name))
-            keep = np.isfinite(v)
-            iy, ix, v = iy[keep], ix[keep], v[keep]
-            x, y = it.mic.frame.to_original(ix, iy)
-            p = sigmoid(self.logits(name)[iy, ix])
-            out[name] = list(zip(v.tolist(), x.tolist(), y.tolist(), p.tolist()))
-        return out
-
-    def propose(self, k: int, labels: list[Label]) -> list[Proposal]:
-        r = self.recipe
-        n_conf = int(round(k * r.confident_fraction)) if self.model is not None else 0
-        unc = self._take(self._candidates_k("entropy", labels, k - n_conf), k - n_conf, "uncertain", r.spread)
-        return unc + self._confident(n_conf, labels + [Label(p.micrograph, p.x, p.y, 0) for p in unc])
-
-    def _confident(self, k: int, labels: list[Label]) -> list[Proposal]:
-        if k <= 0:
-            return []
-        n_pos = (k + 1) // 2
-        pos = self._take(self._candidates_k("logit", labels, n_pos), n_pos, "positive", "micrographs")
-        neg = self._take(self._candidates_k("-logit", labels, k - n_pos), k - n_pos, "negative", "micrographs")
-        return pos + neg
-
-    def initial_proposals(self, k: int, labels: list[Label] | None = None) -> list[Proposal]:
-        labels = labels or []
-        n_pos = max(1, k // 5) if k >= 3 else 0
-        n_neg = max(1, k // 5) if k >= 3 else 0
-        saved, self.model = self.model, None
-        try:
-            m = k - n_pos - n_neg
-            props = self._take(self._candidates_k("entropy", labels, m), m, "uncertain", "micrographs")
-            taken = labels + [Label(p.micrograph, p.x, p.y, 0) for p in props]
-            props += self._confident(n_pos + n_neg, taken)
-        finally:
-            self.model = saved
-        return props
 
 
 # --------------------------------------------------------------------------------------------
-# seed: the published round, re-implemented faithfully (torch autograd, every pixel)
+# seed: the published round, re-implemented as the reference
 # --------------------------------------------------------------------------------------------
 class SeedRound:
     """The seed's round: every pixel of the training micrographs in one float32 torch matrix."""
@@ -522,16 +336,6 @@ def main() -> int:
                 fl.propose(a.batch, labels)
 
             ablation[f"without_{off}"] = round(statistics.median(timed(rnd, max(3, a.repeats // 2))), 4)
-        fl = FastLearner(items, a.radius_px, recipe, seed=0, options=FastOptions(newton=False, one_blas_thread=True))
-        fl.fit(states[-2])
-        w_ = fl.model
-
-        def rnd1(fl=fl, w_=w_):
-            fl.warm_from = w_
-            fl.fit(labels)
-            fl.propose(a.batch, labels)
-
-        ablation["lbfgs_one_blas_thread_instead_of_newton"] = round(statistics.median(timed(rnd1, max(3, a.repeats // 2))), 4)
 
     med = {k: statistics.median(v) for k, v in (("seed", t_seed), ("current", t_cur), ("fast", t_fast))}
     n_same = sum(r["fast_eq_converged"] for r in rows)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .acquisition import Proposal, entropy_peaks, peaks
+from .acquisition import Proposal, entropy, entropy_peaks, peaks
 from .extract import Picks, extract_picks, sigmoid
 from .features import FeatureMap, blas_threads, head_of
 from .io import Micrograph
@@ -43,11 +43,18 @@ def _offsets(recipe: Recipe, radius_w: float) -> tuple[np.ndarray, np.ndarray]:
 class ActiveLearner:
     """Holds the training micrographs' features; fits the BLR to labels; proposes what to label next."""
 
+    # What makes a round fast (benchmarks/round_latency.py switches each off for its ablation):
+    solver = "newton"  # BLR solver: 'newton' (exact Hessian, converged) or 'lbfgs'
+    warm_start = True  # start each fit from the last one (same optimum, fewer steps)
+    top_k = True  # compute only the k best peaks a batch can use (exactly the full NMS's first k)
+
     def __init__(self, items: list[Item], radius_px: float, recipe: Recipe, feature_model: str = "resnet16_u32",
-                 seed: int = 0):
+                 seed: int = 0, in_memory: bool | None = None):
         if not items:
             raise ValueError("no training micrographs")
-        if sum(it.fmap.nbytes_float32 for it in items) <= IN_MEMORY_LIMIT:
+        if in_memory is None:
+            in_memory = sum(it.fmap.nbytes_float32 for it in items) <= IN_MEMORY_LIMIT
+        if in_memory:
             # float32 copies in RAM: every round reads all training pixels (logits) and gathers label rows
             items = [Item(it.mic, it.fmap.in_memory()) for it in items]
         self.items = {it.mic.name: it for it in items}
@@ -186,13 +193,13 @@ class ActiveLearner:
         t = time.perf_counter()
         r = self.recipe
         X, y, w = self.training_set(labels)
-        model = BLR(l2=r.l2, pi=self.pi(), pi_weight=r.pi_weight, standardise=r.standardise)
+        model = BLR(l2=r.l2, pi=self.pi(), pi_weight=r.pi_weight, standardise=r.standardise, solver=self.solver)
         if X.shape[0] == 0 and self.recipe.prior == "pretrained":
             w0, b0 = head_of(self.feature_model)
             model.coef_, model.intercept_ = w0, b0
             model.prior_coef_, model.prior_intercept_ = w0, b0
         else:
-            warm = start if start is not None else self.model
+            warm = (start if start is not None else self.model) if self.warm_start else None
             if warm is not None and warm.coef_ is not None:
                 model.coef_, model.intercept_ = warm.coef_, warm.intercept_
             with blas_threads(1):  # small dense products: thread hand-offs cost more than they save
@@ -216,6 +223,10 @@ class ActiveLearner:
     def _peaks(self, kind: str, name: str, k: int, exclude):
         """The k best peaks of the entropy, the logit or minus the logit: exactly the full NMS's first k."""
         rw = self.radius_w(name)
+        if not self.top_k:
+            values = entropy(self.logits(name)) if kind == "entropy" else (
+                self.logits(name) if kind == "logit" else -self.logits(name))
+            return peaks(values, rw, exclude=exclude)
         if kind == "entropy":
             return entropy_peaks(self.logits(name), rw, k, exclude=exclude)
         values = self.logits(name) if kind == "logit" else -self.logits(name)

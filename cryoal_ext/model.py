@@ -175,6 +175,10 @@ class BLR:
                 f2, g2, aux2 = self._loss_grad_aux(theta + t * step, Xs, y, weight, Us, w0)
                 if f2 <= f + 1e-4 * t * slope or t < 1e-8:
                     break
+                # next to the optimum the loss changes below its rounding error (which moves with the
+                # BLAS thread count): accept a step that shrinks the gradient without raising the loss
+                if f2 - f <= 1e-12 * max(1.0, abs(f)) and np.abs(g2).max() < np.abs(g).max():
+                    break
                 t *= 0.5
             if t < 1e-8:
                 break

@@ -40,14 +40,8 @@ NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 # --- fixtures ------------------------------------------------------------------------------------
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The CI box has 2 shared cores; torch's default thread pool oversubscribes them badly."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_torch_thread(single_torch_thread):
+    """Every test here on one torch thread (conftest's ``single_torch_thread``)."""
 
 
 def job_model(uid: str, type_: str = "snowflake", outputs: dict | None = None) -> Job:

@@ -31,14 +31,8 @@ RADIUS = 28.0
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The CI box has 2 shared cores; torch's default thread pool oversubscribes them badly."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_torch_thread(single_torch_thread):
+    """Every test here on one torch thread (conftest's ``single_torch_thread``)."""
 
 
 @pytest.fixture(scope="module")

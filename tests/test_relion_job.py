@@ -44,13 +44,8 @@ def cache_dir(tmp_path_factory) -> str:
 
 
 # --- building a RELION project ------------------------------------------------------------------
-def write_star(path: Path, blocks: dict[str, pd.DataFrame], version: int | None) -> Path:
-    """RELION-like STAR (version line first), written independently of the code under test."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    starfile.write(blocks, path, overwrite=True)
-    if version:
-        path.write_text(f"\n# version {version}\n\n" + path.read_text())
-    return path
+sys.path.insert(0, os.path.dirname(__file__))  # the shared helpers, under any pytest import mode
+from test_relion_files import star_text as write_star  # noqa: E402  RELION-like STAR, independent of the code
 
 
 def truth_table(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
