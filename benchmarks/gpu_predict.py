@@ -346,8 +346,9 @@ def main() -> int:
             write_json(a.out, result)
         if e2e_n > 0:
             spec = a.e2e_configs or ("8:fp32:1,8:fp32:4,8:fp32:8,8:fp16:8" if cuda else "2:fp32:1,2:bf16:2")
-            configs = [{"batch_size": int(b), "precision": p, "readers": int(n)}
-                       for b, p, n in (c.split(":") for c in spec.split(","))]
+            # batch:precision:readers, and an optional 4th field 'g': the GMM normalisation fit on the GPU
+            configs = [{"batch_size": int(b), "precision": p, "readers": int(n), "gpu_normalise": bool(g and g[0] == "g")}
+                       for b, p, n, *g in (c.split(":") for c in spec.split(","))]
             r["end_to_end"] = []
             for cfg in configs:  # one at a time, saved as it goes
                 r["end_to_end"] += e2e_table(files, model, fm, device, wps, e2e_n, [cfg])
