@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,32 +71,11 @@ class BLR:
     # --- the loss ------------------------------------------------------------------------------
     def loss_and_grad(self, theta, X, y, weight, U, w0, b0):
         """Loss and gradient w.r.t. theta = [w, b] (standardised space). Public for the gradient test."""
-        p = self.params
-        w, b = theta[:-1], theta[-1]
-        n = max(float(weight.sum()), 1.0)
-        z = X @ w + b
-        bce = -(y * _log_sigmoid(z) + (1.0 - y) * _log_sigmoid(-z))
-        loss = float(np.dot(weight, bce))
-        r = weight * (_sigmoid(z) - y)
-        gw = X.T @ r
-        gb = float(r.sum())
-        dw = w - w0
-        loss += 0.5 * p.l2 * float(dw @ dw)
-        gw = gw + p.l2 * dw
-        if p.pi_weight > 0 and U is not None and U.shape[0] > 0:
-            zu = U @ w + b
-            pu = _sigmoid(zu)
-            m = float(np.clip(pu.mean(), 1e-12, 1 - 1e-12))
-            g = _logit(m) - _logit(p.pi)
-            loss += p.pi_weight * g * g
-            dm = 2.0 * p.pi_weight * g / (m * (1.0 - m))
-            s = pu * (1.0 - pu) / U.shape[0]
-            gw = gw + dm * (U.T @ s)
-            gb += dm * float(s.sum())
-        return loss / n, np.r_[gw, gb] / n
+        loss, grad, _ = self._loss_grad_aux(theta, X, y, weight, U, w0)
+        return loss, grad
 
     def _loss_grad_aux(self, theta, X, y, weight, U, w0):
-        """loss_and_grad, plus what the Hessian needs (same formulas)."""
+        """Loss, gradient, and the intermediate terms the Hessian reuses."""
         p = self.params
         w, b = theta[:-1], theta[-1]
         n = max(float(weight.sum()), 1.0)

@@ -15,7 +15,6 @@ Layout of ``out_dir``::
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -77,14 +76,6 @@ class Shard:
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
-
-
-def file_sha1(path: str | os.PathLike) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def per_mic_dir(out_dir: str | os.PathLike) -> Path:

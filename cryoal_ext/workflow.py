@@ -85,7 +85,7 @@ def _previous_model(session: Session, feature_model: str) -> BLR | None:
     """Last round's model as the solver's starting point (same optimum, fewer steps); None if unusable."""
     try:
         prev = BLR.load(session.model_path) if session.model_path.exists() else None
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):  # BLR.load reports any damage as ValueError
         return None
     if prev is None or prev.meta.get("feature_model", feature_model) != feature_model:
         return None

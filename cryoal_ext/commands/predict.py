@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..io import file_digest
 from ..model import BLR
-from ..shard import Shard, file_sha1, is_complete, merge, reconcile_manifest, write_error, write_micrograph
+from ..shard import Shard, is_complete, merge, reconcile_manifest, write_error, write_micrograph
 from ..workflow import EngineSettings, suggest_threshold
 from .common import add_engine_arguments, apply_threads
 from .features import expand
@@ -85,7 +86,7 @@ def micrograph_inputs(items: list[str], project_dir: str = ".") -> list[Path]:
 
 def run_settings(args, model_path: str | None, feature_model: str, formats: set[str]) -> dict:
     """What decides the picks: a folder's outputs are only reused under the same settings."""
-    return {"model": f"sha1:{file_sha1(Path(model_path).with_suffix('.npz'))}" if model_path else f"pretrained:{feature_model}",
+    return {"model": f"sha1:{file_digest(Path(model_path).with_suffix('.npz'))}" if model_path else f"pretrained:{feature_model}",
             "feature_model": feature_model, "working_pixel_size": args.working_pixel_size,
             "pixel_size": args.pixel_size, "radius_px": args.radius_px, "diameter_A": args.diameter_A,
             "threshold": args.threshold, "precision": precision_of(args), "formats": sorted(formats)}
