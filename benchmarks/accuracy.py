@@ -4,6 +4,9 @@ Loads each dataset's features once (cached), then runs every variant on every se
 mean / min AP per budget next to the pretrained baseline.  Results go to benchmarks/results/.
 
     python benchmarks/accuracy.py --datasets 10028,10017 --seeds 0,1,2,3,4 --variants seed,default --tag main
+
+A variant may name its own features after '@': ``seed@resnet16_u32`` is the published recipe on the
+published (one-view) features, side by side with the default on ``--feature-model``.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import numpy as np
 
 from cryoal_ext.atomic import write_json
 from cryoal_ext.benchmark import BenchmarkSettings, load_data, run_one
+from cryoal_ext.features import DEFAULT_FEATURE_MODEL
 from cryoal_ext.recipes import get_recipe
 
 DATA = Path(os.environ.get("CRYOAL_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -35,15 +39,16 @@ VARIANTS = {
 
 
 def parse_variant(text: str):
-    """'name' from VARIANTS, or 'base:key=value:key=value' for an ad-hoc variant."""
+    """'name' from VARIANTS, or 'base:key=value:key=value' for an ad-hoc variant; '@features' optional."""
+    text, _, fm = text.partition("@")
     if text in VARIANTS:
-        return text, VARIANTS[text]
+        return text + (f"@{fm}" if fm else ""), VARIANTS[text], fm or None
     base, *pairs = text.split(":")
     over = {}
     for p in pairs:
         k, v = p.split("=", 1)
         over[k] = json.loads(v) if v[:1] in "0123456789-.[{tf" and v not in ("true_", ) else v
-    return text, (base, over)
+    return text + (f"@{fm}" if fm else ""), (base, over), fm or None
 
 
 def main() -> None:
@@ -54,7 +59,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="10,25,50,100")
     ap.add_argument("--oracle", default="careful")
     ap.add_argument("--ceiling", action="store_true")
-    ap.add_argument("--feature-model", default="resnet16_u32")
+    ap.add_argument("--feature-model", default=DEFAULT_FEATURE_MODEL)
     ap.add_argument("--cache-dir", default=os.environ.get("CRYOAL_CACHE", "/tmp/fcache"))
     ap.add_argument("--tag", default="run")
     a = ap.parse_args()
@@ -63,11 +68,14 @@ def main() -> None:
     out = {"command": "python benchmarks/accuracy.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v not in (False, None)), "results": {}}
     for ds in a.datasets.split(","):
-        s = BenchmarkSettings(**DATASETS[ds], budgets=budgets, batch=10, oracle=a.oracle, ceiling=a.ceiling,
-                              cache_dir=a.cache_dir, feature_model=a.feature_model)
-        data = load_data(s, progress=lambda *_: None)
+        loaded = {}
         for vtext in a.variants.split(","):
-            name, (base, over) = parse_variant(vtext)
+            name, (base, over), fm = parse_variant(vtext)
+            s = BenchmarkSettings(**DATASETS[ds], budgets=budgets, batch=10, oracle=a.oracle, ceiling=a.ceiling,
+                                  cache_dir=a.cache_dir, feature_model=fm or a.feature_model)
+            if s.feature_model not in loaded:
+                loaded[s.feature_model] = load_data(s, progress=lambda *_: None)
+            data = loaded[s.feature_model]
             recipe = get_recipe(base, **over)
             t = time.perf_counter()
             runs = [run_one(s, recipe, seed, data, progress=lambda *_: None) for seed in seeds]
@@ -78,7 +86,8 @@ def main() -> None:
             rt = np.median([r["timing"]["round_median_s"] for r in runs])
             print(f"{ds} {name:45s} base {base_ap.mean():.3f} | mean/min-gain @{budgets}: {row}{ceil} "
                   f"| round {rt:.2f}s ({time.perf_counter() - t:.0f}s)", flush=True)
-            out["results"].setdefault(ds, {})[name] = {"recipe": recipe.to_dict(), "runs": runs,
+            out["results"].setdefault(ds, {})[name] = {"recipe": recipe.to_dict(), "feature_model": s.feature_model,
+                                                      "runs": runs,
                                                       "mean_ap": aps.mean(0).round(4).tolist(),
                                                       "baseline_mean": round(float(base_ap.mean()), 4)}
             write_json(Path(__file__).parent / "results" / f"accuracy_{a.tag}.json", out)

@@ -1,7 +1,7 @@
 """Is the linear head the limit? Ceiling of a small MLP head vs the BLR, both trained on every true
 particle of the 2 training micrographs (as `cryoal benchmark --ceiling`), 5 splits.
 
-    python benchmarks/head_ceiling.py 10028 32      # dataset, hidden units
+    python benchmarks/head_ceiling.py 10028 32      # dataset, hidden units [, feature model: resnet16_u32]
 """
 import sys
 from pathlib import Path
@@ -20,7 +20,8 @@ from cryoal_ext.extract import extract_picks
 torch.set_num_threads(2)
 ds = sys.argv[1]
 hidden = int(sys.argv[2]) if len(sys.argv) > 2 else 32
-s = BenchmarkSettings(**A.DATASETS[ds], cache_dir=A.os.environ.get("CRYOAL_CACHE", "/tmp/fcache"))
+s = BenchmarkSettings(**A.DATASETS[ds], cache_dir=A.os.environ.get("CRYOAL_CACHE", "/tmp/fcache"),
+                      feature_model=sys.argv[3] if len(sys.argv) > 3 else "resnet16_u32")  # as recorded
 data = load_data(s, progress=lambda *_: None)
 items, truth, shapes = data["items"], data["truth"], data["shapes"]
 names = sorted(items)

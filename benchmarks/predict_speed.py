@@ -47,7 +47,7 @@ RSS_WRAPPER = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], c
                "stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
 
-def train_model(out: Path, cache_dir: str) -> tuple[Path, list[str], list[str]]:
+def train_model(out: Path, cache_dir: str, fm: str) -> tuple[Path, list[str], list[str]]:
     """A BLR fitted to ground-truth labels of two EMPIAR-10028 micrographs (the model to predict with)."""
     from cryoal_ext.benchmark import BenchmarkSettings, load_data
     from cryoal_ext.labels import Label
@@ -56,7 +56,7 @@ def train_model(out: Path, cache_dir: str) -> tuple[Path, list[str], list[str]]:
 
     d = DATA / "empiar10028"
     s = BenchmarkSettings(micrographs=str(d / "micrographs"), truth=str(d / "particles.txt"), radius_px=28.0,
-                          cache_dir=cache_dir)
+                          cache_dir=cache_dir, feature_model=fm)
     data = load_data(s, progress=lambda *_: None)
     names = sorted(data["items"])
     train = sorted(np.random.default_rng(0).choice(names, size=2, replace=False).tolist())
@@ -69,13 +69,13 @@ def train_model(out: Path, cache_dir: str) -> tuple[Path, list[str], list[str]]:
         for x, y in rng.uniform(0, [nx, ny], size=(200, 2)):
             if np.min(np.hypot(tx - x, ty - y)) > 28.0:
                 labels.append(Label(n, float(x), float(y), 0))
-    learner = ActiveLearner([data["items"][n] for n in train], 28.0, get_recipe("default"))
+    learner = ActiveLearner([data["items"][n] for n in train], 28.0, get_recipe("default"), fm)
     model = learner.fit(labels)
     path = model.save(out / "model.npz")
     return path, train, [n for n in names if n not in train]
 
 
-def ap_check(model_path: Path, evals: list[str], cache_dir: str) -> dict:
+def ap_check(model_path: Path, evals: list[str], cache_dir: str, fm: str) -> dict:
     """AP of the streaming engine vs the old cached-feature path on the same micrographs."""
     from cryoal_ext.files import by_micrograph, read_coordinates
     from cryoal_ext.metrics import evaluate
@@ -87,11 +87,11 @@ def ap_check(model_path: Path, evals: list[str], cache_dir: str) -> dict:
     truth = by_micrograph(read_coordinates(d / "particles.txt"))
     model = BLR.load(model_path)
     files = [d / "micrographs" / f"{n}.mrc" for n in evals]
-    s = EngineSettings(radius_px=28.0, cache_dir=cache_dir)
+    s = EngineSettings(radius_px=28.0, cache_dir=cache_dir, feature_model=fm)
     old = {it.mic.name: (p.x, p.y, p.score) for it, p in
            predict(featurise([MicrographSpec(str(f), f.stem) for f in files], s, progress=lambda *_: None), model, 28.0)}
     new = {r.name: (r.picks.x, r.picks.y, r.picks.score) for r in
-           stream_predict([(f.stem, str(f), f.stem, None) for f in files], model, lambda *_: 28.0, PredictSettings())}
+           stream_predict([(f.stem, str(f), f.stem, None) for f in files], model, lambda *_: 28.0, PredictSettings(feature_model=fm))}
     a_old, a_new = evaluate(old, truth, 28.0).ap, evaluate(new, truth, 28.0).ap
     return {"micrographs": evals, "ap_old_float16_features": round(a_old, 4), "ap_stream_float32": round(a_new, 4),
             "diff": round(abs(a_old - a_new), 4)}
@@ -108,14 +108,14 @@ def run_topaz_extract(paths: list[str], radius_w: int, out: Path) -> float:
     return time.perf_counter() - t
 
 
-def run_old_predict(files: list[Path], model_path: Path, out: Path) -> float:
+def run_old_predict(files: list[Path], model_path: Path, out: Path, fm: str) -> float:
     from cryoal_ext.files import write_picks_star, write_topaz
     from cryoal_ext.model import BLR
     from cryoal_ext.workflow import EngineSettings, MicrographSpec, featurise, predict
 
     t = time.perf_counter()
     model = BLR.load(model_path)
-    s = EngineSettings(radius_px=28.0, cache_dir=None)
+    s = EngineSettings(radius_px=28.0, cache_dir=None, feature_model=fm)
     allp = []
     for _, p in predict(featurise([MicrographSpec(str(f), f.stem) for f in files], s, progress=lambda *_: None),
                         model, 28.0):
@@ -146,6 +146,8 @@ def main() -> int:
     ap.add_argument("--skip-old", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-ap", action="store_true")
+    ap.add_argument("--feature-model", default="resnet16_u32",
+                    help="features of the model (default one view, the same network work as topaz extract)")
     ap.add_argument("--cache-dir", default=os.environ.get("CRYOAL_CACHE", "/tmp/fcache"))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "predict_speed.json"))
     a = ap.parse_args()
@@ -166,10 +168,10 @@ def main() -> int:
                                 "note": "2 CPU cores shared with other jobs; compare ratios within one run"}}
     with tempfile.TemporaryDirectory(prefix="cryoal_predict_bench_") as tmpd:
         tmp = Path(tmpd)
-        model_path, train, evals = train_model(tmp, a.cache_dir)
-        result["model"] = {"trained_on": train, "feature_model": "resnet16_u32"}
+        model_path, train, evals = train_model(tmp, a.cache_dir, a.feature_model)
+        result["model"] = {"trained_on": train, "feature_model": a.feature_model}
         if not a.skip_ap:
-            result["ap"] = ap_check(model_path, evals, a.cache_dir)
+            result["ap"] = ap_check(model_path, evals, a.cache_dir, a.feature_model)
             print("AP:", result["ap"], flush=True)
 
         from cryoal_ext.model import BLR
@@ -179,9 +181,9 @@ def main() -> int:
         mics = [load_micrograph(f) for f in speed_files]
         images = [m.image for m in mics]
         shapes = sorted({m.image.shape for m in mics})
-        backbone_seconds([images[0][:256, :256]], model)  # warm-up
+        backbone_seconds([images[0][:256, :256]], model, a.feature_model)  # warm-up
         times: dict[str, float] = {}
-        times["backbone_1"] = backbone_seconds(images, model)
+        times["backbone_1"] = backbone_seconds(images, model, a.feature_model)
         print(f"backbone: {times['backbone_1']:.1f} s for {len(images)} micrographs {shapes}", flush=True)
         t = time.perf_counter()
         rc = cli.main(["predict", *map(str, speed_files), "--model", str(model_path), "--radius-px", "28",
@@ -205,9 +207,9 @@ def main() -> int:
             print(f"topaz extract: {times['topaz_extract']:.1f} s", flush=True)
         if not a.skip_old:
             (tmp / "old").mkdir()
-            times["old_predict"] = run_old_predict(speed_files, model_path, tmp / "old")
+            times["old_predict"] = run_old_predict(speed_files, model_path, tmp / "old", a.feature_model)
             print(f"old predict: {times['old_predict']:.1f} s", flush=True)
-        times["backbone_2"] = backbone_seconds(images, model)
+        times["backbone_2"] = backbone_seconds(images, model, a.feature_model)
         bare = 0.5 * (times["backbone_1"] + times["backbone_2"])
         result["speed"] = {
             "micrographs": [f.name for f in speed_files], "working_shapes": [list(s) for s in shapes],

@@ -5,14 +5,14 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import write_json
 from .extract import Picks, extract_picks
-from .features import FeatureCache
+from .features import DEFAULT_FEATURE_MODEL, FeatureCache, parse_feature_model
 from .files import by_micrograph, read_coordinates, write_topaz
 from .io import list_micrographs, load_micrograph, micrograph_name
 from .labels import Label
@@ -35,7 +35,7 @@ class BenchmarkSettings:
     budgets: tuple[int, ...] = (10, 25, 50, 100)
     batch: int = 10
     seeds: tuple[int, ...] = (0,)
-    feature_model: str = "resnet16_u32"
+    feature_model: str = DEFAULT_FEATURE_MODEL
     working_pixel_size: float = 8.0
     oracle: str = "careful"
     recipes: tuple[str, ...] = ("default",)
@@ -164,26 +164,37 @@ def summarise(runs: list[dict]) -> dict:
 
 def run_benchmark(s: BenchmarkSettings, json_out: str, picks_out: str | None = None, progress=print) -> dict:
     t0 = time.perf_counter()
-    data = load_data(s, progress)
+    datas: dict[str, dict] = {}
     runs = []
-    for name in s.recipes:
+    for spec in s.recipes:
+        # 'seed@resnet16_u32': a recipe on its own features, e.g. the published recipe on the
+        # published one-view features beside the default on --feature-model, in one run
+        name, _, fm = spec.partition("@")
+        sf = replace(s, feature_model=fm or s.feature_model)
+        parse_feature_model(sf.feature_model)
+        if sf.feature_model not in datas:
+            datas[sf.feature_model] = load_data(sf, progress)
         recipe = get_recipe(name, **s.recipe_overrides) if name == "default" or s.recipe_overrides else get_recipe(name)
         for seed in s.seeds:
             po = None
             if picks_out:
-                po = picks_out if len(s.recipes) == 1 and len(s.seeds) == 1 else str(Path(picks_out) / f"{name}_seed{seed}")
-            runs.append(run_one(s, recipe, seed, data, progress, po))
+                po = picks_out if len(s.recipes) == 1 and len(s.seeds) == 1 else \
+                    str(Path(picks_out) / f"{spec.replace('@', '_')}_seed{seed}")
+            rec = run_one(sf, recipe, seed, datas[sf.feature_model], progress, po)
+            rec["recipe"], rec["feature_model"] = spec, sf.feature_model
+            runs.append(rec)
     total = time.perf_counter() - t0
     rounds = [r["timing"]["round_median_s"] for r in runs if r["timing"]["round_median_s"] is not None]
-    timing = {"features_s": round(data["features_s"], 2), "round_median_s": round(statistics.median(rounds), 4) if rounds else None,
-              "total_s": round(total, 2), "feature_cache_hits": data["cache_hits"]}
+    timing = {"features_s": round(sum(d["features_s"] for d in datas.values()), 2),
+              "round_median_s": round(statistics.median(rounds), 4) if rounds else None,
+              "total_s": round(total, 2), "feature_cache_hits": sum(d["cache_hits"] for d in datas.values())}
     settings = {"micrographs": s.micrographs, "truth": s.truth, "radius_px": s.radius_px, "border_px": s.border_px,
                 "batch": s.batch, "budgets": list(s.budgets), "feature_model": s.feature_model, "oracle": s.oracle,
                 "working_pixel_size": s.working_pixel_size}
     if len(runs) == 1:
-        result = {k: v for k, v in runs[0].items() if k != "timing"}
+        result = {k: v for k, v in runs[0].items() if k not in ("timing", "feature_model")}  # the format
         result["timing"] = timing
-        result["settings"] = settings
+        result["settings"] = {**settings, "feature_model": runs[0]["feature_model"]}
     else:
         result = {"settings": settings, "summary": summarise(runs), "runs": runs, "timing": timing}
     write_json(json_out, result)

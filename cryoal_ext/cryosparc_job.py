@@ -22,6 +22,7 @@ from pathlib import Path, PurePath
 import numpy as np
 
 from .atomic import folder_lock
+from .features import DEFAULT_FEATURE_MODEL
 from .cryosparc import (PickRows, check_shape, copy_into, exposures_to_specs, load_dataset,
                         particles_to_edited, particles_to_labels, picks_to_dataset, proposals_to_rows, save_dataset,
                         uids_of)
@@ -49,7 +50,7 @@ class RoundSettings:
 
     radius_px: float | None = None
     diameter_A: float | None = None
-    feature_model: str = "resnet16_u32"
+    feature_model: str = DEFAULT_FEATURE_MODEL
     working_pixel_size: float = 8.0
     cache_dir: str | None = None
     device: str | None = None

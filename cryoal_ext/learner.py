@@ -11,7 +11,7 @@ import numpy as np
 
 from .acquisition import Proposal, entropy, entropy_peaks, peaks
 from .extract import Picks, extract_picks, sigmoid
-from .features import FeatureMap, blas_threads, head_of
+from .features import DEFAULT_FEATURE_MODEL, FeatureMap, blas_threads, head_of
 from .io import Micrograph
 from .labels import Label
 from .model import BLR
@@ -48,7 +48,7 @@ class ActiveLearner:
     warm_start = True  # start each fit from the last one (same optimum, fewer steps)
     top_k = True  # compute only the k best peaks a batch can use (exactly the full NMS's first k)
 
-    def __init__(self, items: list[Item], radius_px: float, recipe: Recipe, feature_model: str = "resnet16_u32",
+    def __init__(self, items: list[Item], radius_px: float, recipe: Recipe, feature_model: str = DEFAULT_FEATURE_MODEL,
                  seed: int = 0, in_memory: bool | None = None):
         if not items:
             raise ValueError("no training micrographs")
@@ -193,7 +193,8 @@ class ActiveLearner:
         t = time.perf_counter()
         r = self.recipe
         X, y, w = self.training_set(labels)
-        model = BLR(l2=r.l2, pi=self.pi(), pi_weight=r.pi_weight, standardise=r.standardise, solver=self.solver)
+        l2 = r.l2 / (1.0 + r.l2_decay * len(labels))
+        model = BLR(l2=l2, pi=self.pi(), pi_weight=r.pi_weight, standardise=r.standardise, solver=self.solver)
         if X.shape[0] == 0 and self.recipe.prior == "pretrained":
             w0, b0 = head_of(self.feature_model)
             model.coef_, model.intercept_ = w0, b0

@@ -45,7 +45,6 @@ def plot_benchmark(result: dict, path: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     runs = result.get("runs", [result])
-    base = np.mean([r["baseline"]["ap"] for r in runs])
     for name in dict.fromkeys(r.get("recipe", "default") for r in runs):
         rs = [r for r in runs if r.get("recipe", "default") == name]
         n = [a["labels"] for a in rs[0]["active"]]
@@ -53,7 +52,10 @@ def plot_benchmark(result: dict, path: str) -> None:
         ax.errorbar(n, aps.mean(0), yerr=aps.std(0) if len(aps) > 1 else None, marker="o", capsize=3, label=name)
         if "ceiling" in rs[0]:
             ax.axhline(np.mean([r["ceiling"]["ap"] for r in rs]), ls=":", lw=1, label=f"{name} ceiling")
-    ax.axhline(base, color="k", ls="--", lw=1, label="Topaz pretrained")
+    fms = list(dict.fromkeys(r.get("feature_model") for r in runs))
+    for fm, ls in zip(fms, ("--", "-.", ":")):  # the baseline depends on the features, not the recipe
+        base = np.mean([r["baseline"]["ap"] for r in runs if r.get("feature_model") == fm])
+        ax.axhline(base, color="k", ls=ls, lw=1, label="Topaz pretrained" + (f" ({fm})" if len(fms) > 1 else ""))
     ax.set_xlabel("labels")
     ax.set_ylabel("average precision")
     ax.set_xscale("log")

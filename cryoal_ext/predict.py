@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .extract import Picks, extract_picks
+from .features import DEFAULT_FEATURE_MODEL
 from .io import Micrograph, MicrographError, load_micrograph
 from .model import BLR
 
@@ -43,7 +44,7 @@ _END = object()
 class PredictSettings:
     """How to run the network; none of these change the picks (``precision`` aside: check the AP)."""
 
-    feature_model: str = "resnet16_u32"
+    feature_model: str = DEFAULT_FEATURE_MODEL
     working_pixel_size: float = 8.0
     device: str | None = None  # None: cuda when present, else cpu
     batch_size: int = 1  # micrographs per forward pass (consecutive ones of equal working shape)
@@ -126,17 +127,21 @@ def _net_class():
     if _NET_CLASS is None:
         import torch
 
-        from .features import autocast
+        from .features import autocast, view_mean
 
         class PickingNet(torch.nn.Module):
             """backbone -> 1x1 head; the backbone under autocast when ``dtype`` is set, the head in float32."""
 
-            def __init__(self, backbone, head, device: str, dtype=None, channels_last: bool = False):
+            def __init__(self, backbone, head, device: str, dtype=None, channels_last: bool = False, views: int = 1):
                 super().__init__()
                 self.backbone, self.head = backbone, head
-                self.device, self.dtype, self.channels_last = device, dtype, channels_last
+                self.device, self.dtype, self.channels_last, self.views = device, dtype, channels_last, views
 
             def forward(self, x):
+                # the head is linear: the mean of its logits over the views is the head of the mean features
+                return view_mean(self.one_view, x, self.views)
+
+            def one_view(self, x):
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(self.device, self.dtype):  # thread-local: entered in the calling thread
@@ -147,7 +152,7 @@ def _net_class():
     return _NET_CLASS
 
 
-def picking_net(model: BLR | None, feature_model: str = "resnet16_u32", device: str = "cpu", half: bool = False,
+def picking_net(model: BLR | None, feature_model: str = DEFAULT_FEATURE_MODEL, device: str = "cpu", half: bool = False,
                 precision: str | None = None, channels_last: bool = False):
     """Topaz backbone (dense mode) with the BLR as its 1x1 head: image (N,1,H,W) -> logits (N,1,H,W) float32.
 
@@ -157,7 +162,7 @@ def picking_net(model: BLR | None, feature_model: str = "resnet16_u32", device: 
     """
     import torch
 
-    from .features import load_pretrained, resolve_precision
+    from .features import load_pretrained, parse_feature_model, resolve_precision
 
     if half and precision not in (None, "fp16", "half", "float16"):
         raise ValueError(f"half=True conflicts with precision={precision!r}")
@@ -172,7 +177,8 @@ def picking_net(model: BLR | None, feature_model: str = "resnet16_u32", device: 
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(w.astype(np.float32)).view(1, channels, 1, 1))
         head.bias.fill_(float(b))
-    net = _net_class()(copy.deepcopy(base.features), head, device, dtype, channels_last).eval()
+    net = _net_class()(copy.deepcopy(base.features), head, device, dtype, channels_last,
+                       parse_feature_model(feature_model)[1]).eval()
     for prm in net.parameters():
         prm.requires_grad_(False)
     net = net.to(device)
@@ -357,7 +363,7 @@ def stream_predict(
         torch.set_num_threads(n_threads)  # undo the reader's setting for threads started later
 
 
-def backbone_seconds(images: list[np.ndarray], model: BLR | None = None, feature_model: str = "resnet16_u32",
+def backbone_seconds(images: list[np.ndarray], model: BLR | None = None, feature_model: str = DEFAULT_FEATURE_MODEL,
                      device: str | None = None, half: bool = False, batch_size: int = 1,
                      precision: str | None = None, channels_last: bool | None = None, net=None) -> float:
     """Bare network time over in-memory working-scale images (the benchmark's reference).

@@ -12,6 +12,7 @@ class Recipe:
     # model
     prior: str = "pretrained"  # 'zero': w0 = 0; 'pretrained': regularise towards Topaz's own head
     l2: float = 1.0
+    l2_decay: float = 0.0  # prior strength l2 / (1 + decay * real labels): labels take over as they accumulate
     pi: float = 0.01
     pi_weight: float = 1.0
     pi_source: str = "constant"  # 'constant': pi as given; 'pretrained': the pretrained head's mean probability

@@ -32,6 +32,7 @@ import numpy as np
 
 from . import relion as R
 from .atomic import LockedError, folder_lock, write_json
+from .features import DEFAULT_FEATURE_MODEL, parse_feature_model
 
 JOB_PREFIX = "cryoal relion"
 TRUE_WORDS = {"", "1", "true", "yes", "y", "on"}
@@ -62,7 +63,7 @@ class JobSettings:
     labels: list[str] = field(default_factory=list)
     negatives: list[str] = field(default_factory=list)
     relion_version: str | None = None
-    feature_model: str = "resnet16_u32"
+    feature_model: str = DEFAULT_FEATURE_MODEL
     working_pixel_size: float | None = None  # None: the model's (with --model), else 8
     pixel_size: float | None = None  # override for every micrograph
     device: str | None = None
@@ -104,7 +105,7 @@ _VALUE_OPTIONS = {
     "recipe": (["--recipe"], "engine recipe: default or seed"),
     "seed": (["--seed"], "random seed (default 0)"),
     "relion_version": (["--relion_version"], "4 or 5 (default: from the input STAR's '# version' line)"),
-    "feature_model": (["--feature_model", "--feature-model"], "Topaz backbone (default resnet16_u32)"),
+    "feature_model": (["--feature_model", "--feature-model"], f"Topaz backbone, optionally +viewsN (default {DEFAULT_FEATURE_MODEL})"),
     "working_pixel_size": (["--working_pixel_size"], "A/px the features are computed at (default 8)"),
     "pixel_size": (["--pixel_size", "--angpix"], "micrograph pixel size in A, overriding STAR and headers"),
     "device": (["--device"], "torch device: cpu, cuda, cuda:1 (default: cuda when present)"),
@@ -206,6 +207,10 @@ def settings_from_args(args) -> JobSettings:
     s.labels, s.negatives = _files(g("labels")), _files(g("negatives"))
     s.relion_version = _text(g("relion_version"))
     s.feature_model = _text(g("feature_model")) or s.feature_model
+    try:
+        parse_feature_model(s.feature_model)
+    except ValueError as exc:
+        raise R.RelionError(f"--feature_model: {exc}") from None
     s.working_pixel_size = _number("working_pixel_size", g("working_pixel_size"), positive=True)
     s.pixel_size = _number("pixel_size", g("pixel_size"), positive=True)
     s.device = _text(g("device"))

@@ -9,7 +9,7 @@ import numpy as np
 
 from .acquisition import Proposal
 from .extract import Picks
-from .features import FeatureCache
+from .features import DEFAULT_FEATURE_MODEL, FeatureCache
 from .io import Micrograph, load_micrograph
 from .learner import ActiveLearner, Item
 from .model import BLR
@@ -33,7 +33,7 @@ class MicrographSpec:
 class EngineSettings:
     radius_px: float | None = None  # particle radius in micrograph pixels
     diameter_A: float | None = None  # alternative to radius_px, converted with each micrograph's pixel size
-    feature_model: str = "resnet16_u32"
+    feature_model: str = DEFAULT_FEATURE_MODEL
     working_pixel_size: float = 8.0
     cache_dir: str | None = None
     device: str | None = None

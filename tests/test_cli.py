@@ -125,7 +125,7 @@ def test_realdata_anchor_pretrained_ap_empiar10028(shared_data, feature_cache):
     if not (folder / "particles.txt").exists():
         pytest.skip("empiar10028 not in the shared data")
     s = BenchmarkSettings(micrographs=str(folder / "micrographs"), truth=str(folder / "particles.txt"), radius_px=28.0,
-                          cache_dir=feature_cache, device="cpu")
+                          cache_dir=feature_cache, device="cpu", feature_model="resnet16_u32")  # Topaz as published
     data = load_data(s, progress=lambda _m: None)
     assert len(data["items"]) == 4
     picks = [extract_picks(n, it.fmap.score, it.mic.frame, 28.0) for n, it in data["items"].items()]

@@ -239,3 +239,16 @@ def test_learner_excludes_labels_given_before_round_zero(example_items):
     _dist_ok(again, given, RADIUS, label_slack=1e-6)  # labels on working pixels: exact
     fewer = learner.initial_proposals(4, given)
     assert len(fewer) == 4
+
+
+def test_l2_decay_weakens_the_prior_as_labels_accumulate(example_items, example_truth):
+    labels = Oracle(example_truth, RADIUS, "careful").answer(
+        ActiveLearner(list(example_items.values()), RADIUS, get_recipe("default"), seed=0).initial_proposals(10), 0)
+    w0, _ = head_of("resnet16_u32")
+    dist = {}
+    for decay in (0.0, 1.0):
+        learner = ActiveLearner(list(example_items.values()), RADIUS, get_recipe("default", l2_decay=decay), seed=0)
+        model = learner.fit(labels)
+        assert model.get_params()["l2"] == pytest.approx(10.0 / (1.0 + decay * len(labels)))
+        dist[decay] = float(np.linalg.norm(model.coef_ - w0))
+    assert dist[1.0] > dist[0.0]  # a weaker pull towards Topaz's head lets the labels move the weights further

@@ -143,7 +143,7 @@ def test_label_retrain_predict_loop_with_session(tmp_path, feature_cache):
     assert (s / "proposals" / "round_000.tsv").exists() and (s / "proposals" / "round_001.tsv").exists()
     assert len(LabelStore(s / "labels.tsv").effective()) == 8
     resumed = controller(feature_cache, session_dir=s)
-    assert resumed.round == 2 and label_set(resumed.labels) == label_set(c.labels) and resumed.model is not None
+    assert resumed.round == 2 and same_labels(resumed.labels, c.labels, atol=0.006) and resumed.model is not None
 
     # picks of the training micrographs come with every round; predict adds the rest
     assert set(c.picks) == {"311_10028_crop", "312_10028_crop"}

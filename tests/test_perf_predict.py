@@ -52,10 +52,21 @@ def test_folded_head_equals_cached_path(model, reference):
         with torch.inference_mode():
             pre = picking_net(None)(x)[0, 0].numpy()
             blr = picking_net(model)(x)[0, 0].numpy()
-        np.testing.assert_array_equal(pre, score)  # Topaz's head: bit-identical to the cache's score
+        # Topaz's head: the mean of 8 views' logits vs the head of the 8 views' mean features
+        np.testing.assert_allclose(pre, score, atol=1e-4)
         # ours from float32 features; the cached path rounds the features to float16 first
         np.testing.assert_allclose(blr, model.logit_map(feats), atol=0.05)
         assert np.corrcoef(blr.ravel(), model.logit_map(feats).ravel())[0, 1] > 0.9999
+
+
+def test_one_view_folded_head_is_bit_identical_to_the_cache_score():
+    import torch
+
+    mic = load_micrograph(MICS[0])
+    _, score = compute_features(mic.image, "resnet16_u32", device="cpu")
+    with torch.inference_mode():
+        pre = picking_net(None, "resnet16_u32")(torch.from_numpy(mic.image)[None, None])[0, 0].numpy()
+    np.testing.assert_array_equal(pre, score)
 
 
 def test_stream_in_order_and_batched_equals_single(model, reference):
@@ -93,7 +104,10 @@ def test_abandoned_stream_stops_its_threads(tmp_path):
         shutil.copy(MICS[k % len(MICS)], p)
         files.append(p)
     before = {t.name for t in threading.enumerate()}
-    gen = stream_predict(inputs(files), None, lambda *_: 28.0, PredictSettings(device="cpu", prefetch=1))
+    # one view: the stop is checked between forward passes, and an 8-view pass on a busy CPU can
+    # outlast the join's patience; what is tested here is that no thread is left behind
+    gen = stream_predict(inputs(files), None, lambda *_: 28.0,
+                         PredictSettings(device="cpu", prefetch=1, feature_model="resnet16_u32"))
     next(gen)
     gen.close()
     alive = [t for t in threading.enumerate() if t.name.startswith("cryoal-") and t.name not in before]

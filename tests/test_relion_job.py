@@ -100,7 +100,7 @@ def job_env(cache: str) -> dict:
                 PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
-def run(root: Path, args: str, cache: str, job: str = JOB, wait: bool = True, timeout: float = 240):
+def run(root: Path, args: str, cache: str, job: str = JOB, wait: bool = True, timeout: float = 600):
     """The command RELION builds: EXE --o JOB --in_mics ... --<params> --j N --pipeline_control JOB >> run.out."""
     (root / job).mkdir(parents=True, exist_ok=True)
     cmd = (f"{SCRIPT} --o {job} {args} --j 1 --pipeline_control {job} "
@@ -428,11 +428,11 @@ def test_realdata_recall_at_suggested_threshold(tmp_path, cache_dir, dataset):
     base = (f"--in_mics {proj['star']} --diameter {2 * radius * pixel:.1f} --batch 10 --train_micrographs 2 "
             "--cache_all true")
     for _ in range(2):
-        assert run(tmp_path, base, cache_dir) == {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err")
+        assert run(tmp_path, base, cache_dir, timeout=1800) == {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err")
         for name, f in coordinate_list(tmp_path, JOB + "queries.star").items():
             picker_edit(f, proj["truth"][stem(name)], 50001, add_missed=2, add_red=0, shape=(1024, 1024),
                         radius=radius)
-    assert run(tmp_path, base + " --predict true", cache_dir) == {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err")
+    assert run(tmp_path, base + " --predict true", cache_dir, timeout=1800) == {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err")
     from cryoal_ext.coords import inside_border
     from cryoal_ext.metrics import match
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..features import PRETRAINED
+from ..features import DEFAULT_FEATURE_MODEL, FEATURE_MODELS
 
 
 def default_cache() -> str:
@@ -13,7 +13,9 @@ def default_cache() -> str:
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--feature-model", default="resnet16_u32", choices=PRETRAINED, help="Topaz pretrained backbone")
+    g.add_argument("--feature-model", default=DEFAULT_FEATURE_MODEL, choices=FEATURE_MODELS, metavar="MODEL",
+                   help="Topaz pretrained backbone, +viewsN to average its features over N rotated/flipped "
+                        f"copies (1 view is N times faster on a CPU; default %(default)s); one of {', '.join(FEATURE_MODELS)}")
     g.add_argument("--working-pixel-size", type=float, default=8.0, help="A/px after Fourier cropping (default 8)")
     g.add_argument("--pixel-size", type=float, default=None, help="override the MRC header pixel size (A)")
     g.add_argument("--cache-dir", default=default_cache(), help="feature cache folder (default %(default)s; env CRYOAL_CACHE)")
