@@ -1,7 +1,6 @@
 """Oracle benchmark: the paper's Table 1 protocol on any dataset with ground truth."""
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time

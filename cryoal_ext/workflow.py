@@ -10,7 +10,7 @@ import numpy as np
 from .acquisition import Proposal
 from .extract import Picks
 from .features import DEFAULT_FEATURE_MODEL, FeatureCache
-from .io import Micrograph, load_micrograph
+from .io import load_micrograph
 from .learner import ActiveLearner, Item
 from .model import BLR
 from .recipes import Recipe

@@ -52,7 +52,6 @@ def main(args) -> int:
         specs = {f.stem: MicrographSpec(str(f), f.stem, args.pixel_size) for f in files}
         s = EngineSettings(radius_px=args.radius_px, diameter_A=args.diameter_A, feature_model=args.feature_model,
                            working_pixel_size=args.working_pixel_size, cache_dir=args.cache_dir, device=args.device)
-        items_all = None
         if args.reviewed and rnd > 0:
             shown = session.load_proposals(rnd - 1)
             edited = {n: Edited(x, y) for n, (x, y) in by_micrograph(read_coordinates(args.reviewed)).items()}
