@@ -40,15 +40,15 @@ VARIANTS = {
 
 def parse_variant(text: str):
     """'name' from VARIANTS, or 'base:key=value:key=value' for an ad-hoc variant; '@features' optional."""
-    text, _, fm = text.partition("@")
-    if text in VARIANTS:
-        return text + (f"@{fm}" if fm else ""), VARIANTS[text], fm or None
-    base, *pairs = text.split(":")
+    spec, _, fm = text.partition("@")
+    if spec in VARIANTS:
+        return text, VARIANTS[spec], fm or None
+    base, *pairs = spec.split(":")
     over = {}
     for p in pairs:
         k, v = p.split("=", 1)
         over[k] = json.loads(v) if v[:1] in "0123456789-.[{tf" and v not in ("true_", ) else v
-    return text + (f"@{fm}" if fm else ""), (base, over), fm or None
+    return text, (base, over), fm or None
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from .atomic import write_json
 from .extract import Picks, extract_picks
-from .features import DEFAULT_FEATURE_MODEL, FeatureCache, parse_feature_model
+from .features import DEFAULT_FEATURE_MODEL, FeatureCache
 from .files import by_micrograph, read_coordinates, write_topaz
 from .io import list_micrographs, load_micrograph, micrograph_name
 from .labels import Label
@@ -169,8 +169,7 @@ def run_benchmark(s: BenchmarkSettings, json_out: str, picks_out: str | None = N
         # 'seed@resnet16_u32': a recipe on its own features, e.g. the published recipe on the
         # published one-view features beside the default on --feature-model, in one run
         name, _, fm = spec.partition("@")
-        sf = replace(s, feature_model=fm or s.feature_model)
-        parse_feature_model(sf.feature_model)
+        sf = replace(s, feature_model=fm or s.feature_model)  # a bad name fails in load_data's FeatureCache
         if sf.feature_model not in datas:
             datas[sf.feature_model] = load_data(sf, progress)
         recipe = get_recipe(name, **s.recipe_overrides) if name == "default" or s.recipe_overrides else get_recipe(name)

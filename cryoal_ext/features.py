@@ -102,6 +102,8 @@ def _view(x, k: int):
     """View k of a (..., H, W) tensor: k % 4 quarter turns, after a left-right flip when k >= 4."""
     import torch
 
+    if k == 0:
+        return x  # torch.rot90 by 0 copies; one view must cost what the bare backbone costs
     if k >= 4:
         x = torch.flip(x, dims=(-1,))
     return torch.rot90(x, k % 4, dims=(-2, -1))
@@ -111,6 +113,8 @@ def _unview(x, k: int):
     """Inverse of ``_view``: brings a dense map computed on view k back onto the original pixels."""
     import torch
 
+    if k == 0:
+        return x
     x = torch.rot90(x, -(k % 4), dims=(-2, -1))
     return torch.flip(x, dims=(-1,)) if k >= 4 else x
 
@@ -119,7 +123,8 @@ def view_mean(fn, x, views: int):
     """Mean over ``views`` rotated/flipped copies of ``fn(view(x))`` mapped back: dense in, dense out.
 
     Exact pixel alignment holds because Topaz's filled network pads symmetrically and uses odd,
-    centred kernels.  Views 2 = identity + flip, 4 = the quarter turns, 8 = both.
+    centred kernels.  Views 2 = identity + flip, 4 = the quarter turns, 8 = both.  ``fn`` must
+    return a new tensor (a network's output): the sum accumulates into the first view's in place.
     """
     order = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: tuple(range(8))}[int(views)]
     acc = None

@@ -53,9 +53,9 @@ def plot_benchmark(result: dict, path: str) -> None:
         if "ceiling" in rs[0]:
             ax.axhline(np.mean([r["ceiling"]["ap"] for r in rs]), ls=":", lw=1, label=f"{name} ceiling")
     fms = list(dict.fromkeys(r.get("feature_model") for r in runs))
-    for fm, ls in zip(fms, ("--", "-.", ":")):  # the baseline depends on the features, not the recipe
+    for i, fm in enumerate(fms):  # the baseline depends on the features, not the recipe
         base = np.mean([r["baseline"]["ap"] for r in runs if r.get("feature_model") == fm])
-        ax.axhline(base, color="k", ls=ls, lw=1, label="Topaz pretrained" + (f" ({fm})" if len(fms) > 1 else ""))
+        ax.axhline(base, color="k", ls=("--", "-.", ":")[i % 3], lw=1, label="Topaz pretrained" + (f" ({fm})" if len(fms) > 1 else ""))
     ax.set_xlabel("labels")
     ax.set_ylabel("average precision")
     ax.set_xscale("log")

@@ -52,6 +52,28 @@ def write_mrc(path: str | os.PathLike, data: np.ndarray, voxel_size: float | Non
     return path
 
 
+def relion_project_of(micrographs: Path, root: Path, pixel_size: float = 5.36) -> tuple[Path, Path]:
+    """A RELION project at ``root``: the MRCs of ``micrographs`` linked under MotionCorr/job002/Movies and
+    a CtfFind/job003/micrographs_ctf.star naming them project-relative.  Returns (project, star)."""
+    import pandas as pd
+
+    from cryoal_ext.files import write_star
+
+    mics = sorted(Path(micrographs).glob("*.mrc"))
+    movies = root / "MotionCorr" / "job002" / "Movies"
+    movies.mkdir(parents=True)
+    for m in mics:
+        os.symlink(m, movies / m.name)
+    star = root / "CtfFind" / "job003" / "micrographs_ctf.star"
+    star.parent.mkdir(parents=True)
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+                           "rlnMicrographPixelSize": [pixel_size]})
+    table = pd.DataFrame({"rlnMicrographName": [f"MotionCorr/job002/Movies/{m.name}" for m in mics],
+                          "rlnOpticsGroup": [1] * len(mics)})
+    write_star(star, {"optics": optics, "micrographs": table}, version=50001)
+    return root, star
+
+
 @dataclass
 class SyntheticMicrograph:
     path: Path

@@ -5,6 +5,7 @@ Runs on the bundled EMPIAR-10028 crops (features cached in $CRYOAL_CACHE or a te
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -13,12 +14,15 @@ import pandas as pd
 import pytest
 
 from cryoal_ext.cryosparc import exposures_from_files, load_dataset, save_dataset
-from cryoal_ext.files import read_coordinates, write_star
+from cryoal_ext.files import read_coordinates
 from cryoal_ext.labels import Label, LabelStore
 from cryoal_ext.napari.controller import LabellingController, lowpass, stable_uid
 from cryoal_ext.oracle import Oracle
 from cryoal_ext.relion import read_picks_table
 from cryoal_ext.workflow import EngineSettings
+
+sys.path.insert(0, os.path.dirname(__file__))  # conftest helpers, under any pytest import mode
+from conftest import relion_project_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "cryoal_ext" / "example_data" / "empiar10028_small"
@@ -68,18 +72,7 @@ def test_open_folder_files_relion_star_and_cryosparc_cs(tmp_path, feature_cache)
     assert c.open([MICS / "312_10028_crop.mrc", MICS / "061_10028_crop.mrc"]) == ["312_10028_crop", "061_10028_crop"]
 
     # a RELION project: MotionCorr/job002/Movies/*.mrc and a micrographs STAR naming them project-relative
-    proj = tmp_path / "relion"
-    d = proj / "MotionCorr" / "job002" / "Movies"
-    d.mkdir(parents=True)
-    for m in sorted(MICS.glob("*.mrc")):
-        os.symlink(m, d / m.name)
-    star = proj / "CtfFind" / "job003" / "micrographs_ctf.star"
-    star.parent.mkdir(parents=True)
-    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
-                           "rlnMicrographPixelSize": [5.36]})
-    mics = pd.DataFrame({"rlnMicrographName": [f"MotionCorr/job002/Movies/{m.name}" for m in sorted(MICS.glob("*.mrc"))],
-                         "rlnOpticsGroup": [1, 1, 1]})
-    write_star(star, {"optics": optics, "micrographs": mics}, version=50001)
+    proj, star = relion_project_of(MICS, tmp_path / "relion")
     names = c.open(star)  # project folder found above the STAR
     assert names == ["061_10028_crop", "311_10028_crop", "312_10028_crop"] and c.source_kind == "relion"
     assert c.project_dir == proj

@@ -24,12 +24,15 @@ napari = pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
 from cryoal_ext.cryosparc import exposures_from_files, load_dataset, save_dataset  # noqa: E402
-from cryoal_ext.files import read_coordinates, write_star  # noqa: E402
+from cryoal_ext.files import read_coordinates  # noqa: E402
 from cryoal_ext.metrics import evaluate  # noqa: E402
 from cryoal_ext.napari.controller import LabellingController  # noqa: E402
 from cryoal_ext.oracle import Oracle  # noqa: E402
 from cryoal_ext.relion import read_picks_table  # noqa: E402
 from cryoal_ext.workflow import EngineSettings  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))  # conftest helpers, under any pytest import mode
+from conftest import relion_project_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "cryoal_ext" / "example_data" / "empiar10028_small"
@@ -261,16 +264,7 @@ def test_widget_label_retrain_predict_export(widget, qtbot, tmp_path):
 
 def test_widget_opens_relion_star_and_cryosparc_cs(widget, qtbot, tmp_path):
     w = widget
-    proj = tmp_path / "relion"
-    d = proj / "MotionCorr" / "job002" / "Movies"
-    d.mkdir(parents=True)
-    for m in sorted(MICS.glob("*.mrc")):
-        os.symlink(m, d / m.name)
-    star = proj / "CtfFind" / "job003" / "micrographs_ctf.star"
-    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnMicrographPixelSize": [5.36]})
-    mics = pd.DataFrame({"rlnMicrographName": [f"MotionCorr/job002/Movies/{m.name}" for m in sorted(MICS.glob("*.mrc"))],
-                         "rlnOpticsGroup": [1, 1, 1]})
-    write_star(star, {"optics": optics, "micrographs": mics}, version=50001)
+    _, star = relion_project_of(MICS, tmp_path / "relion")
     assert len(w.open_source(str(star))) == 3
     wait(qtbot, w)
     assert w.ctl.source_kind == "relion" and w.image_layer.data.shape == (343, 343)
