@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryoal_ext.cryosparc import exposures_from_files, load_dataset, save_dataset
+from cryoal_ext.cryosparc import load_dataset
 from cryoal_ext.files import read_coordinates
 from cryoal_ext.labels import Label, LabelStore
 from cryoal_ext.napari.controller import LabellingController, lowpass, stable_uid
@@ -22,7 +22,7 @@ from cryoal_ext.relion import read_picks_table
 from cryoal_ext.workflow import EngineSettings
 
 sys.path.insert(0, os.path.dirname(__file__))  # conftest helpers, under any pytest import mode
-from conftest import relion_project_of  # noqa: E402
+from conftest import cryosparc_project_of, relion_project_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "cryoal_ext" / "example_data" / "empiar10028_small"
@@ -81,12 +81,7 @@ def test_open_folder_files_relion_star_and_cryosparc_cs(tmp_path, feature_cache)
     assert c.resolve("MotionCorr/job002/Movies/061_10028_crop.mrc") == "061_10028_crop"
 
     # a cryoSPARC project: J2/imported/*.mrc and J2/exposures.cs (project-relative micrograph_blob/path)
-    cs_proj = tmp_path / "cs"
-    d = cs_proj / "J2" / "imported"
-    d.mkdir(parents=True)
-    for m in sorted(MICS.glob("*.mrc")):
-        os.symlink(m, d / m.name)
-    cs = save_dataset(cs_proj / "J2" / "exposures.cs", exposures_from_files(sorted(d.glob("*.mrc")), cs_proj))
+    cs_proj, cs = cryosparc_project_of(MICS, tmp_path / "cs")
     names = c.open(cs)
     assert names == ["061_10028_crop", "311_10028_crop", "312_10028_crop"] and c.source_kind == "cryosparc"
     assert c.project_dir == cs_proj and c.specs["061_10028_crop"].extra["shape"] == (512, 512)

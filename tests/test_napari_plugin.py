@@ -23,7 +23,7 @@ import pytest
 napari = pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from cryoal_ext.cryosparc import exposures_from_files, load_dataset, save_dataset  # noqa: E402
+from cryoal_ext.cryosparc import load_dataset  # noqa: E402
 from cryoal_ext.files import read_coordinates  # noqa: E402
 from cryoal_ext.metrics import evaluate  # noqa: E402
 from cryoal_ext.napari.controller import LabellingController  # noqa: E402
@@ -32,7 +32,7 @@ from cryoal_ext.relion import read_picks_table  # noqa: E402
 from cryoal_ext.workflow import EngineSettings  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # conftest helpers, under any pytest import mode
-from conftest import relion_project_of  # noqa: E402
+from conftest import cryosparc_project_of, relion_project_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "cryoal_ext" / "example_data" / "empiar10028_small"
@@ -279,12 +279,7 @@ def test_widget_opens_relion_star_and_cryosparc_cs(widget, qtbot, tmp_path):
     names = set(read_picks_table(out)["micrograph"])
     assert names <= {f"MotionCorr/job002/Movies/{m.name}" for m in MICS.glob("*.mrc")}  # RELION's own names
 
-    cs_proj = tmp_path / "cs"
-    d = cs_proj / "J2" / "imported"
-    d.mkdir(parents=True)
-    for m in sorted(MICS.glob("*.mrc")):
-        os.symlink(m, d / m.name)
-    cs = save_dataset(cs_proj / "J2" / "exposures.cs", exposures_from_files(sorted(d.glob("*.mrc")), cs_proj))
+    _, cs = cryosparc_project_of(MICS, tmp_path / "cs")
     assert len(w.open_source(str(cs))) == 3
     wait(qtbot, w)
     assert w.ctl.source_kind == "cryosparc" and w.ctl.proposals == []
