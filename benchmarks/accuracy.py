@@ -47,7 +47,10 @@ def parse_variant(text: str):
     over = {}
     for p in pairs:
         k, v = p.split("=", 1)
-        over[k] = json.loads(v) if v[:1] in "0123456789-.[{tf" and v not in ("true_", ) else v
+        try:
+            over[k] = json.loads(v)  # numbers, true/false, lists
+        except json.JSONDecodeError:
+            over[k] = v  # a plain word: 'features', 'pretrained'
     return text, (base, over), fm or None
 
 

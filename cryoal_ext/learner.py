@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .acquisition import Proposal, entropy, entropy_peaks, peaks
+from .acquisition import Proposal, entropy, entropy_peaks, peaks, spread_in_features
 from .extract import Picks, extract_picks, sigmoid
 from .features import DEFAULT_FEATURE_MODEL, FeatureMap, blas_threads, head_of
 from .io import Micrograph
@@ -246,6 +246,31 @@ class ActiveLearner:
             out[name] = list(zip(v.tolist(), x.tolist(), y.tolist(), p.tolist()))
         return out
 
+    def _rows(self, points: list[tuple[str, float, float]]) -> np.ndarray:
+        """Feature rows at (micrograph, x, y) spots in original pixels, in the given order."""
+        dim = next(iter(self.items.values())).fmap.features.shape[0]
+        out = np.empty((len(points), dim), dtype=np.float32)
+        for name in {p[0] for p in points}:
+            at = [i for i, p in enumerate(points) if p[0] == name]
+            it = self.items[name]
+            ix, iy = it.mic.frame.to_working_index([points[i][1] for i in at], [points[i][2] for i in at])
+            out[at] = it.fmap.at(iy, ix)
+        return out
+
+    def _take_diverse(self, cands: dict, k: int, labels: list[Label]) -> list[Proposal]:
+        """``k`` of the ``diversity_pool * k`` most uncertain peaks, spread out in feature space."""
+        if k <= 0:
+            return []
+        pool = sorted(((n, c) for n, cs in cands.items() for c in cs), key=lambda t: -t[1][0])
+        pool = pool[: k * max(1, self.recipe.diversity_pool)]
+        # features on a common scale, so no channel with a large range decides the distance alone
+        scale = self._unlabelled.std(0) + 1e-6 if self._unlabelled is not None else 1.0
+        P = self._rows([(n, c[1], c[2]) for n, c in pool]) / scale
+        real = [l for l in labels if l.micrograph in self.items]
+        C = self._rows([(l.micrograph, l.x, l.y) for l in real]) / scale if real else None
+        return [Proposal(pool[j][0], pool[j][1][1], pool[j][1][2], pool[j][1][3], "uncertain")
+                for j in spread_in_features(P, [c[0] for _, c in pool], k, C)]
+
     def _take(self, cands: dict, k: int, kind: str, spread: str) -> list[Proposal]:
         if k <= 0:
             return []
@@ -267,7 +292,12 @@ class ActiveLearner:
         """The k most uncertain peaks (entropy), spread as the recipe says; some confident ones if asked."""
         r = self.recipe
         n_conf = int(round(k * r.confident_fraction)) if self.model is not None else 0
-        unc = self._take(self._candidates("entropy", labels, k - n_conf), k - n_conf, "uncertain", r.spread)
+        n_unc = k - n_conf
+        if r.spread == "features":
+            pool = self._candidates("entropy", labels, n_unc * max(1, r.diversity_pool))
+            unc = self._take_diverse(pool, n_unc, labels)
+        else:
+            unc = self._take(self._candidates("entropy", labels, n_unc), n_unc, "uncertain", r.spread)
         return unc + self._confident(n_conf, labels + [Label(p.micrograph, p.x, p.y, 0) for p in unc])
 
     def _confident(self, k: int, labels: list[Label]) -> list[Proposal]:

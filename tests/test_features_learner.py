@@ -8,7 +8,7 @@ import mrcfile
 import numpy as np
 import pytest
 
-from cryoal_ext.acquisition import block_labelled, entropy, entropy_peaks, peaks
+from cryoal_ext.acquisition import block_labelled, entropy, entropy_peaks, peaks, spread_in_features
 from cryoal_ext.features import FeatureCache, head_of
 from cryoal_ext.files import by_micrograph, read_coordinates
 from cryoal_ext.io import load_micrograph
@@ -179,6 +179,48 @@ def test_entropy_peaks_are_separated_and_avoid_labelled_spots(radius):
 
 
 # --- the learner ---------------------------------------------------------------------------------
+def _clusters():
+    """Candidates best first: 4 alike (A), 2 alike some way off (B), 1 far outlier (O) that is less uncertain."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 0.05, (4, 5))
+    b = rng.normal(0, 0.05, (2, 5)) + [10, 0, 0, 0, 0]
+    o = np.array([[1000.0, 0, 0, 0, 0]])
+    return np.r_[a, b, o], np.array([1.0, 0.99, 0.98, 0.97, 0.9, 0.89, 0.5])
+
+
+def test_spread_in_features_takes_one_of_each_kind_before_a_second_alike():
+    points, values = _clusters()
+    # by uncertainty alone the batch would be the four alike candidates 0-3
+    assert spread_in_features(points, values, 2) == [0, 4]  # then B, not the far outlier
+    assert spread_in_features(points, values, 3) == [0, 4, 6]  # the outlier before a second A or B
+    # a labelled spot among the A's: the batch starts with B, and the A's wait
+    assert spread_in_features(points, values, 2, centres=points[1:2] + 0.01) == [4, 6]
+    assert spread_in_features(points, values, 7) == list(range(7))
+    assert spread_in_features(points, values, 10) == list(range(7))
+    # identical candidates (zero distances) do not divide by zero: the most uncertain first
+    assert spread_in_features(np.zeros((3, 4)), [0.2, 0.7, 0.5], 2)[0] == 1
+
+
+def test_features_spread_proposes_from_the_most_uncertain_peaks_only(example_items, example_truth):
+    recipe = get_recipe("default", spread="features", diversity_pool=3)
+    learner = ActiveLearner(list(example_items.values()), RADIUS, recipe, seed=0)
+    labels = Oracle(example_truth, RADIUS, "careful").answer(learner.initial_proposals(10), 0)
+    learner.fit(labels)
+    props = learner.propose(10, labels)
+    assert len(props) == 10 and all(p.kind == "uncertain" for p in props)
+    _dist_ok(props, labels, RADIUS)
+    # every proposal is among the 30 most uncertain peaks, pooled over the training micrographs
+    pool = learner._candidates("entropy", labels, 30)
+    top = sorted((c for cs in pool.values() for c in cs), key=lambda c: -c[0])[:30]
+    spots = {(round(c[1], 3), round(c[2], 3)) for c in top}
+    assert all((round(p.x, 3), round(p.y, 3)) in spots for p in props)
+    # and the batch is not simply the 10 most uncertain of them
+    plain = learner._take(pool, 10, "uncertain", "none")
+    assert {(p.micrograph, p.x, p.y) for p in props} != {(p.micrograph, p.x, p.y) for p in plain}
+    with pytest.raises(ValueError, match="unknown spread 'clusters'"):
+        get_recipe("default", spread="clusters")
+
+
 def _dist_ok(props, labels, radius_px, label_slack=1.2):
     """Every proposal is further than radius_px from every label on its micrograph and from every other proposal.
 
