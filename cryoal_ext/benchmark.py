@@ -170,9 +170,10 @@ def run_benchmark(s: BenchmarkSettings, json_out: str, picks_out: str | None = N
         # published one-view features beside the default on --feature-model, in one run
         name, _, fm = spec.partition("@")
         sf = replace(s, feature_model=fm or s.feature_model)  # a bad name fails in load_data's FeatureCache
+        # the recipe first: a bad setting is refused before minutes of feature computation
+        recipe = get_recipe(name, **s.recipe_overrides) if name == "default" or s.recipe_overrides else get_recipe(name)
         if sf.feature_model not in datas:
             datas[sf.feature_model] = load_data(sf, progress)
-        recipe = get_recipe(name, **s.recipe_overrides) if name == "default" or s.recipe_overrides else get_recipe(name)
         for seed in s.seeds:
             po = None
             if picks_out:

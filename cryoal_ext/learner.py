@@ -40,6 +40,11 @@ def _offsets(recipe: Recipe, radius_w: float) -> tuple[np.ndarray, np.ndarray]:
     return yy[keep], xx[keep]
 
 
+def _best_first(cands: dict) -> list:
+    """``_candidates``' per-micrograph lists pooled into one, highest value first (stable on ties)."""
+    return sorted(((n, c) for n, cs in cands.items() for c in cs), key=lambda t: -t[1][0])
+
+
 class ActiveLearner:
     """Holds the training micrographs' features; fits the BLR to labels; proposes what to label next."""
 
@@ -257,12 +262,12 @@ class ActiveLearner:
             out[at] = it.fmap.at(iy, ix)
         return out
 
-    def _take_diverse(self, cands: dict, k: int, labels: list[Label]) -> list[Proposal]:
+    def _take_diverse(self, k: int, labels: list[Label]) -> list[Proposal]:
         """``k`` of the ``diversity_pool * k`` most uncertain peaks, spread out in feature space."""
         if k <= 0:
             return []
-        pool = sorted(((n, c) for n, cs in cands.items() for c in cs), key=lambda t: -t[1][0])
-        pool = pool[: k * max(1, self.recipe.diversity_pool)]
+        m = k * max(1, self.recipe.diversity_pool)
+        pool = _best_first(self._candidates("entropy", labels, m))[:m]
         # features on a common scale, so no channel with a large range decides the distance alone
         scale = self._unlabelled.std(0) + 1e-6 if self._unlabelled is not None else 1.0
         P = self._rows([(n, c[1], c[2]) for n, c in pool]) / scale
@@ -283,9 +288,7 @@ class ActiveLearner:
                         chosen.append((n, cands[n][pos[n]]))
                         pos[n] += 1
         else:
-            flat = [(n, c) for n, cs in cands.items() for c in cs]
-            flat.sort(key=lambda t: -t[1][0])
-            chosen = flat[:k]
+            chosen = _best_first(cands)[:k]
         return [Proposal(n, c[1], c[2], c[3], kind) for n, c in chosen]
 
     def propose(self, k: int, labels: list[Label]) -> list[Proposal]:
@@ -294,8 +297,7 @@ class ActiveLearner:
         n_conf = int(round(k * r.confident_fraction)) if self.model is not None else 0
         n_unc = k - n_conf
         if r.spread == "features":
-            pool = self._candidates("entropy", labels, n_unc * max(1, r.diversity_pool))
-            unc = self._take_diverse(pool, n_unc, labels)
+            unc = self._take_diverse(n_unc, labels)
         else:
             unc = self._take(self._candidates("entropy", labels, n_unc), n_unc, "uncertain", r.spread)
         return unc + self._confident(n_conf, labels + [Label(p.micrograph, p.x, p.y, 0) for p in unc])
