@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "relion": ("cryoal_ext.relion_job", "RELION External job (what relion_scripts/cryoal_relion.py runs)"),
     "cryosparc": ("cryoal_ext.cryosparc_job", "cryoSPARC external job, or offline on .cs files"),
     "merge": ("cryoal_ext.commands.merge", "join the outputs of --shard i/N prediction runs"),
+    "session": ("cryoal_ext.commands.session", "check a session folder, or rebuild its session.json (--repair)"),
 }
 
 

@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -41,9 +42,11 @@ class Label:
 class LabelStore:
     """Append-only label file (TSV with a header), plus the conflict-resolved view used for training."""
 
-    def __init__(self, path: str | os.PathLike | None = None, same_spot_px: float = 2.0):
+    def __init__(self, path: str | os.PathLike | None = None, same_spot_px: float = 2.0,
+                 on_save: Callable[["LabelStore"], None] | None = None):
         self.path = Path(path) if path else None
         self.same_spot_px = float(same_spot_px)
+        self.on_save = on_save  # the session records how many rows it has seen (a shorter file is refused)
         self.labels: list[Label] = []
         if self.path is not None and self.path.exists():
             self.labels = self._read(self.path)
@@ -51,22 +54,32 @@ class LabelStore:
     @staticmethod
     def _read(path: Path) -> list[Label]:
         try:
-            df = pd.read_csv(path, sep="\t", dtype={"micrograph": str, "source": str})
+            df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
         except Exception as exc:
             raise LabelFileError(f"{path}: cannot read label file ({exc})") from exc
         missing = {"micrograph", "x", "y", "label"} - set(df.columns)
         if missing:
             raise LabelFileError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-        bad = ~df["label"].isin([0, 1, RETRACTED])
+        num = {}
+        for col in ("x", "y", "label", "round", "time"):
+            if col not in df.columns:
+                continue
+            v = pd.to_numeric(df[col], errors="coerce")
+            bad = ~np.isfinite(v.to_numpy(float))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise LabelFileError(f"{path}, line {i + 2}: column {col!r} is {df[col].iloc[i]!r}, not a number")
+            num[col] = v.to_numpy(float)
+        bad = ~np.isin(num["label"], [0, 1, RETRACTED])
         if bad.any():
-            raise LabelFileError(f"{path}: label must be 0, 1 or {RETRACTED} (retracted) "
-                                 f"(line {int(np.flatnonzero(bad)[0]) + 2})")
-        out = []
-        for r in df.itertuples(index=False):
-            out.append(Label(str(r.micrograph), float(r.x), float(r.y), int(r.label),
-                             str(getattr(r, "source", "user")), int(getattr(r, "round", 0)),
-                             float(getattr(r, "time", 0.0))))
-        return out
+            raise LabelFileError(f"{path}, line {int(np.flatnonzero(bad)[0]) + 2}: label must be 0, 1 or "
+                                 f"{RETRACTED} (retracted)")
+        n = len(df)
+        src = df["source"].tolist() if "source" in df.columns else ["user"] * n
+        rnd = num.get("round", np.zeros(n))
+        tim = num.get("time", np.zeros(n))
+        return [Label(str(m), float(x), float(y), int(lab), str(s), int(r), float(t))
+                for m, x, y, lab, s, r, t in zip(df["micrograph"], num["x"], num["y"], num["label"], src, rnd, tim)]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -109,6 +122,8 @@ class LabelStore:
         df = pd.DataFrame([l.__dict__ for l in self.labels], columns=COLUMNS)
         with atomic_path(self.path) as tmp:
             df.to_csv(tmp, sep="\t", index=False, float_format="%.2f")
+        if self.on_save is not None:
+            self.on_save(self)
 
     def effective(self) -> list[Label]:
         """One label per spot, the newest winning; conflicts (positive vs negative) are logged."""

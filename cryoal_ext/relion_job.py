@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from . import relion as R
-from .atomic import LockedError, folder_lock, write_json
+from .atomic import LockedError, copy_file, folder_lock, write_json
+from .review import apply_answers
 from .features import DEFAULT_FEATURE_MODEL, parse_feature_model
 
 JOB_PREFIX = "cryoal relion"
@@ -358,12 +359,12 @@ class Job:
             src_dir = Path(src)
             if not (src_dir / "session.json").exists():
                 raise R.RelionError(f"--continue_from {src}: no session.json there (not a job of this program)")
-            for name in ("labels.tsv", "session.json", "model.npz", "model.json"):
+            # session.json last: until it is here, a killed run simply copies again
+            for f in sorted((src_dir / "proposals").glob("round_*.tsv")):
+                copy_file(f, self.folder / "proposals" / f.name)
+            for name in ("labels.tsv", "model.npz", "model.json", "session.json"):
                 if (src_dir / name).exists():
-                    shutil.copy2(src_dir / name, self.folder / name)
-            for sub in ("proposals",):
-                if (src_dir / sub).is_dir():
-                    shutil.copytree(src_dir / sub, self.folder / sub, dirs_exist_ok=True)
+                    copy_file(src_dir / name, self.folder / name)
             self.log(f"continuing the session of {src_dir} (labels, round, proposals copied)")
         self.session = Session(self.folder)
         self.rstate = self.session.state.setdefault("relion", {})
@@ -395,18 +396,20 @@ class Job:
         e = self.find(name)
         return e.pixel_size if e else None
 
-    def _import_review(self, sources: list[str], shown, written: dict, imported: dict, just_imported: dict):
-        """Labels from reviewed coordinate files: kept = positive, deleted = negative, added = positive.
+    def _import_review(self, sources: list[str], written: dict, imported: dict, just_imported: dict):
+        """Answers from reviewed coordinate files (the rules: cryoal_ext/review.py).
 
-        A file counts only if it changed since we wrote it and was not imported before (so a re-run
-        never turns the next round's proposals into negatives).  When several sources hold the same
-        micrograph, the newest file wins.  A file that is not one of our queries files and keeps none
-        of the proposals shown on its micrograph is taken as independent picks (no implicit negatives).
+        A file counts only if it changed since we wrote it and was not imported before, so an
+        unopened file never turns into labels, in this job or in the job it continues.  A file we
+        wrote answers the round that wrote it; any other file answers the latest round.  When
+        several sources hold the same micrograph for one round, the newest file wins.  A file that
+        is not one of our queries files and keeps none of the proposals shown on its micrograph is
+        taken as independent picks (no implicit negatives).
         """
-        from .session import Edited, diff_edits
+        from .review import Answer, Edited, kept_count
 
-        rnd = self.session.round
-        found: dict[str, tuple[float, str, Path, str]] = {}
+        session = self.session
+        found: dict[tuple[int, str], tuple[float, str, Path, str]] = {}
         skipped = 0
         for src in sources:
             for name, f in R.read_coordinate_list(src).items():
@@ -415,47 +418,39 @@ class Job:
                     self.log.warn(f"{src}: micrograph {name} is not in {self.s.in_mics}; skipped")
                     continue
                 rel, digest = str(f), R.file_digest(f)
-                if written.get(rel) == digest or imported.get(rel) == digest:
+                ours = _written_entry(written.get(rel))
+                if (ours and ours["digest"] == digest) or imported.get(rel) == digest:
                     skipped += 1
                     continue
                 just_imported[rel] = digest
-                prev = found.get(e.key)
+                rnd = ours["round"] if ours and ours["round"] is not None else max(session.round - 1, 0)
+                prev = found.get((rnd, e.key))
                 if prev is None or f.stat().st_mtime > prev[0]:
-                    found[e.key] = (f.stat().st_mtime, name, f, rel)
+                    found[(rnd, e.key)] = (f.stat().st_mtime, name, f, rel)
         if not found:
             self.log(f"review: 0 micrograph(s) edited, {skipped} unchanged or already imported "
                      f"({', '.join(sources)})")
-            if shown and not self.s.final:
+            if session.round > 0 and not self.s.final:
                 self.log("note: no reviewed queries found. Open 'queries.star' (Display button), delete what is not "
                          "a particle, add missed ones, save (CTRL+S) in every micrograph, then run again")
             return []
-        review_dir = self.folder / "rounds" / f"round_{rnd:03d}" / "reviewed"
-        by_mic: dict[str, list] = {}
-        for p in shown:
-            by_mic.setdefault(p.micrograph, []).append(p)
-        diffed, plain = {}, {}
-        for key, (_, name, f, rel) in sorted(found.items()):
-            dest = review_dir / (R.mic_root(name) + "_reviewed.star")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dest)  # the file as read: later in-place edits must not erase the evidence
+        self.log(f"review: {len(found)} micrograph(s) edited, {skipped} unchanged or already imported "
+                 f"({', '.join(sources)})")
+        review_dir = self.folder / "rounds" / f"round_{session.round:03d}" / "reviewed"
+        answers = []
+        for (rnd, key), (_, name, f, rel) in sorted(found.items()):
+            copy_file(f, review_dir / (R.mic_root(name) + "_reviewed.star"))  # the evidence, as read
             c = R.read_mic_coordinates(f)
             ed = Edited(c.x, c.y, c.label)
-            props = by_mic.get(key, [])
+            props = [p for p in session.shown(rnd) if p.micrograph == key] if rnd < session.round else []
             tol = max(1.0, 0.2 * self.radius_of(self.by_key[key]))
-            kept = sum(bool(c.x.size) and float(np.min(np.hypot(c.x - p.x, c.y - p.y))) <= tol for p in props)
-            if props and kept == 0 and rel not in written:
+            independent = not props or (kept_count(props, ed, tol) == 0 and rel not in written)
+            if props and independent:
                 self.log(f"note: {f} keeps none of the {len(props)} proposals shown on {name}; taken as independent "
                          "picks (no implicit negatives)")
-                plain[key] = ed
-            else:
-                diffed[key] = ed
-        radius = self.radius_of(self.by_key[next(iter(found))])
-        labels = (diff_edits(shown, diffed, radius, rnd, source="relion:review")
-                  + diff_edits([], plain, radius, rnd, source="relion:picks"))
-        npos = sum(l.label for l in labels)
-        self.log(f"review: {len(found)} micrograph(s) edited, {skipped} unchanged or already imported "
-                 f"({', '.join(sources)}) -> {npos} positive, {len(labels) - npos} negative labels")
-        return labels
+            answers.append(Answer(rnd, key, ed, str(f), independent=independent,
+                                  label_source="relion:picks" if independent else "relion:review"))
+        return answers
 
     def import_labels(self) -> int:
         """Reviewed queries / Manual picking coordinates, particles, label files -> the label store."""
@@ -463,19 +458,17 @@ class Job:
         session = self.session
         rnd = session.round
         new = []
-        # 1. the review of the last round's queries (or any picks, in round 0)
-        shown = session.load_proposals(rnd - 1) if rnd > 0 else []
+        # 1. the review of the queries shown (or any picks, in round 0)
         written = self.rstate.get("written_queries", {})
         imported = self.rstate.get("imported", {})
         just_imported: dict[str, str] = {}
         sources = []
-        if shown and (self.folder / "queries.star").exists():
+        if rnd > 0 and (self.folder / "queries.star").exists():
             sources.append(self.out + "queries.star")  # our queries, edited in place via Display
         for src in (s.reviewed, s.in_coords):
             if src and src not in sources:
                 sources.append(src)
-        if sources:
-            new += self._import_review(sources, shown, written, imported, just_imported)
+        answers = self._import_review(sources, written, imported, just_imported) if sources else []
         # 2. particles (e.g. from good 2D classes) are positives
         if s.in_parts:
             df = R.read_picks_table(s.in_parts, pixel_size_of=self._pixel_size_of)
@@ -494,7 +487,14 @@ class Job:
             lab = self._labels_from_table(df, 0, f"relion:negatives:{Path(f).name}", force=0)
             self.log(f"{len(lab)} negative labels from {f}")
             new += lab
-        added = session.labels.add(new)  # saved atomically before anything slow can fail
+        outcome = apply_answers(session, answers, lambda key: self.radius_of(self.by_key[key]), "relion:review",
+                                extra=new)
+        if outcome.applied or outcome.repeated:
+            npos = outcome.positives
+            self.log(f"review: {len(outcome.applied)} answer(s) applied -> {npos} positive, "
+                     f"{len(outcome.labels) - npos} negative labels"
+                     + (f"; {len(outcome.repeated)} applied before, skipped" if outcome.repeated else ""))
+        added = outcome.added
         if just_imported:
             imported.update(just_imported)
             self.rstate["imported"] = imported
@@ -653,10 +653,9 @@ class Job:
                                      "autopick.star")
         round_dir = self.folder / "rounds" / f"round_{rnd:03d}"
         for name, f in qfiles.items():  # our own copy: Display / Manual picking edit these files in place
-            dest = round_dir / "queries" / (R.mic_root(name) + "_queries.star")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dest)
-        self.rstate["written_queries"] = {f: R.file_digest(f) for f in qfiles.values()}
+            copy_file(f, round_dir / "queries" / (R.mic_root(name) + "_queries.star"))
+        written = self.rstate.setdefault("written_queries", {})  # every file we ever wrote: unopened = ours
+        written.update({f: {"digest": R.file_digest(f), "round": rnd} for f in qfiles.values()})
         self._timed("write", t)
         n_picks = int(sum(len(p) for p in picks.values()))
         pos, neg = session.labels.counts()
@@ -763,6 +762,13 @@ class Job:
                  f"all {summary['candidates']} candidates with FOM >= {s.min_fom:g} -> {clist} "
                  f"(suggested FOM threshold for Extract: {suggested:.3f})")
         return summary
+
+
+def _written_entry(entry) -> dict | None:
+    """A ``written_queries`` record: {"digest", "round"} (a bare digest in sessions made before rounds were kept)."""
+    if entry is None:
+        return None
+    return entry if isinstance(entry, dict) else {"digest": entry, "round": None}
 
 
 def write_summary_pdf(path: Path, summary: dict, pngs: list[Path]) -> None:

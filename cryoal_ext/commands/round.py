@@ -7,10 +7,12 @@ import numpy as np
 
 from ..atomic import folder_lock
 from ..extract import Picks
+from ..io import file_digest
 from ..files import by_micrograph, read_coordinates, write_topaz
 from ..labels import Label
 from ..recipes import get_recipe
-from ..session import Edited, Session, diff_edits
+from ..review import Answer, Edited, apply_answers
+from ..session import Session
 from ..workflow import EngineSettings, MicrographSpec, choose_training, featurise, labelling_round, predict
 from .common import add_engine_arguments, apply_threads
 from .features import expand
@@ -38,31 +40,73 @@ def import_picks(path: str, label: int, round_: int, source: str) -> list[Label]
     return [Label(str(r.image_name), float(r.x), float(r.y), label, source, round_) for r in t.itertuples()]
 
 
+def reviewed_round(path: str, session: Session) -> int:
+    """The round whose queries ``path`` answers: its ``round_NNN`` folder in the session, the round this
+    same file (path and content) was applied to before, else the latest round."""
+    p = Path(path).resolve()
+    top = session.folder.resolve()
+    if p.parent.parent == top and p.parent.name.startswith("round_") and p.parent.name[6:].isdigit():
+        return int(p.parent.name[6:])
+    before = session.state.get("review_files", {}).get(str(p))
+    if before and before.get("digest") == file_digest(p):
+        return int(before["round"])
+    return session.round - 1
+
+
+def review_answers(path: str, session: Session) -> tuple[int, list[Answer]]:
+    """The answers in a reviewed queries file: one per micrograph shown in its round (all of a file is the review)."""
+    if session.round == 0:
+        raise ValueError(f"--reviewed {path}: session {session.folder} has not shown any queries yet "
+                         "(run a round without --reviewed first)")
+    rnd = reviewed_round(path, session)
+    if rnd >= session.round:
+        raise ValueError(f"--reviewed {path}: it lies in the folder of round {rnd}, but the session has shown "
+                         f"queries up to round {session.round - 1} only")
+    shown = session.shown(rnd)
+    edited = {n: Edited(x, y) for n, (x, y) in by_micrograph(read_coordinates(path)).items()}
+    for p in shown:  # a micrograph whose proposals were all deleted is reviewed too
+        edited.setdefault(p.micrograph, Edited(np.empty(0), np.empty(0)))
+    session.state.setdefault("review_files", {})[str(Path(path).resolve())] = {"digest": file_digest(path),
+                                                                               "round": rnd}
+    return rnd, [Answer(rnd, n, ed, str(path)) for n, ed in sorted(edited.items())]
+
+
 def main(args) -> int:
     apply_threads(args)
     with folder_lock(args.session):
         session = Session(args.session)
         rnd = session.round
-        new: list[Label] = []
-        for f in args.positives:
-            new += import_picks(f, 1, rnd, f"file:{Path(f).name}")
-        for f in args.negatives:
-            new += import_picks(f, 0, rnd, f"file:{Path(f).name}")
         files = expand(args.micrographs)
         specs = {f.stem: MicrographSpec(str(f), f.stem, args.pixel_size) for f in files}
         s = EngineSettings(radius_px=args.radius_px, diameter_A=args.diameter_A, feature_model=args.feature_model,
                            working_pixel_size=args.working_pixel_size, cache_dir=args.cache_dir, device=args.device)
-        if args.reviewed and rnd > 0:
-            shown = session.load_proposals(rnd - 1)
-            edited = {n: Edited(x, y) for n, (x, y) in by_micrograph(read_coordinates(args.reviewed)).items()}
-            for p in shown:  # a micrograph whose proposals were all deleted is reviewed too
-                edited.setdefault(p.micrograph, Edited(np.empty(0), np.empty(0)))
-            radius = args.radius_px or s.radius_for(_pixel_size(specs, args))
-            new += diff_edits(shown, edited, radius, rnd, source="reviewed")
-        unknown = {l.micrograph for l in new} - set(specs)
+        answers: list[Answer] = []
+        reviewed = None
+        if args.reviewed:
+            reviewed, answers = review_answers(args.reviewed, session)
+        for f in args.positives + args.negatives:
+            lab = 1 if f in args.positives else 0
+            by_mic: dict[str, list[Label]] = {}
+            for l in import_picks(f, lab, rnd, ""):
+                by_mic.setdefault(l.micrograph, []).append(l)
+            answers += [Answer(rnd, n, Edited(np.array([l.x for l in ls]), np.array([l.y for l in ls]),
+                                              np.full(len(ls), lab)), f, independent=True,
+                               label_source=f"file:{Path(f).name}")
+                        for n, ls in sorted(by_mic.items())]
+        unknown = {a.micrograph for a in answers if a.edited.x.size} - set(specs)
         if unknown:
             raise ValueError(f"labels name micrograph(s) not among the inputs: {', '.join(sorted(unknown)[:5])}")
-        added = session.labels.add(new)
+        answers = [a for a in answers if a.micrograph in specs]
+        radius_all = (args.radius_px or s.radius_for(_pixel_size(specs, args))) if answers else 0.0
+        outcome = apply_answers(session, answers, lambda m: radius_all, "reviewed")
+        if reviewed is not None and outcome.repeated and not outcome.applied and reviewed < rnd - 1:
+            print(f"{args.reviewed}: this review of round {reviewed} was already applied; nothing to do. "
+                  f"The latest queries (round {rnd - 1}) are in {Path(args.session) / f'round_{rnd - 1:03d}'}")
+            return 0
+        added = outcome.added
+        for msg in session.note_settings({"recipe": args.recipe, "feature_model": args.feature_model,
+                                          "working_pixel_size": args.working_pixel_size}):
+            print(f"warning: {msg}")
         train = choose_training(list(specs), args.train_micrographs, args.seed,
                                 {l.micrograph for l in session.labels.effective()})
         items = list(featurise([specs[n] for n in train], s))
@@ -75,9 +119,10 @@ def main(args) -> int:
                                           for n in train])
         write_topaz(out / "picks.txt", [pk for _, pk in predict(items, res.model, radius)])
         session.record(round=rnd, labels_added=added, labels=res.n_labels, positives=res.n_positive,
-                       train=train, fit_s=round(res.fit_s, 3), propose_s=round(res.propose_s, 3))
+                       train=train, reviewed=reviewed, fit_s=round(res.fit_s, 3), propose_s=round(res.propose_s, 3))
         session.save_state(round=rnd + 1)
-        print(f"round {rnd}: +{added} labels ({res.n_labels} total, {res.n_positive} positive); "
+        again = f" ({len(outcome.repeated)} answer(s) applied before, skipped)" if outcome.repeated else ""
+        print(f"round {rnd}: +{added} labels{again} ({res.n_labels} total, {res.n_positive} positive); "
               f"{len(res.proposals)} queries -> {out / 'queries.txt'}; model -> {session.model_path}")
     return 0
 
