@@ -451,3 +451,40 @@ def test_realdata_recall_at_suggested_threshold(tmp_path, cache_dir, dataset):
     print(f"{dataset}, {len(proj['names'])} micrographs, {len(labels)} labels: recall {recall:.3f}, "
           f"precision {precision:.3f} at the suggested threshold {thr:.3f} ({n_pred} picks, {n_true} true)")
     assert recall > 0.7 and precision > 0.4
+
+
+def test_continued_session_never_turns_unopened_files_into_labels(tmp_path, cache_dir):
+    """Issue 12: a NEW job continuing an earlier job's session; the earlier job's last queries stay unopened.
+
+    Each run's labels must be exactly the edits made, in any job, and none from the unopened files,
+    however often the continuing job runs.
+    """
+    proj = make_project(tmp_path, EXAMPLE, 50001)
+    base = (f"--in_mics {proj['star']} --diameter {DIAMETER:.1f} --batch 6 --train_micrographs 2 "
+            "--feature_model resnet16_u32")
+    assert run(tmp_path, base, cache_dir) == {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err")
+    for name, f in coordinate_list(tmp_path, JOB + "queries.star").items():
+        picker_edit(f, proj["truth"][stem(name)], 50001)
+    assert run(tmp_path, base, cache_dir) == {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err")
+    after_job5 = pd.read_csv(tmp_path / JOB / "labels.tsv", sep="\t")
+    assert len(after_job5) > 0  # round 1's queries of job005 are now left unopened
+    job7 = "External/job007/"
+    args7 = base + f" --in_coords {JOB}queries.star"
+    assert run(tmp_path, args7, cache_dir, job=job7) == {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err", job7)
+    labels7 = pd.read_csv(tmp_path / job7 / "labels.tsv", sep="\t")
+    assert len(labels7) == len(after_job5)  # continued, nothing from the unopened files
+    # the user reviews job007's queries, then runs job007 twice more
+    edits = {}
+    for name, f in coordinate_list(tmp_path, job7 + "queries.star").items():
+        before = read_coords(f)
+        edits[stem(name)] = (before, picker_edit(f, proj["truth"][stem(name)], 50001, add_missed=0, add_red=0))
+    assert run(tmp_path, args7, cache_dir, job=job7) == {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err", job7)
+    labels7b = pd.read_csv(tmp_path / job7 / "labels.tsv", sep="\t")
+    new = labels7b.iloc[len(labels7):]
+    assert len(new) == sum(e["kept"] + e["deleted"] for _, e in edits.values()) and set(new["micrograph"]) <= set(edits)
+    assert (new["source"].str.startswith("relion:review#r002.")).all()  # answers to job007's (first) round-2 queries
+    for name, (shown, e) in edits.items():  # each proposal shown once, labelled as the user left it
+        got = new[new["micrograph"] == name]
+        assert len(got) == len(shown) and int(got["label"].sum()) == e["kept"]
+    assert run(tmp_path, args7, cache_dir, job=job7) == {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err", job7)
+    assert len(pd.read_csv(tmp_path / job7 / "labels.tsv", sep="\t")) == len(labels7b)  # unopened again: nothing
