@@ -30,7 +30,8 @@ from .labels import Label
 from .learner import ActiveLearner
 from .model import BLR
 from .recipes import get_recipe
-from .session import Edited, Session, diff_edits
+from .review import Answer, Edited, apply_answers
+from .session import Session
 from .workflow import EngineSettings, MicrographSpec, choose_training, featurise, labelling_round, predict, \
     suggest_threshold
 
@@ -132,6 +133,8 @@ def import_labels(session: Session, specs: list[MicrographSpec], inputs: list[La
     """Turn every label input into labels and append them to the session; returns (added, counts)."""
     rnd = session.round
     new: list[Label] = []
+    answers: list[Answer] = []
+    radius: dict[str, float] = {}
     counts: dict = {}
     by_name = {sp.name: sp for sp in specs}
     eng = s.engine()
@@ -154,28 +157,36 @@ def import_labels(session: Session, specs: list[MicrographSpec], inputs: list[La
                 reporter.log(f"{inp.source}: queries on {len(gone)} micrograph(s) no longer among the exposures "
                              f"(e.g. {gone[0]}) are not turned into labels", level="warning")
             edited = {n: ed for n, ed in edited.items() if n in by_name}
-            radius = {n: eng.radius_for(by_name[n].pixel_size) for n in edited}
-            labs: list[Label] = []
-            for name, ed in edited.items():
-                labs += diff_edits([p for p in shown if p.micrograph == name], {name: ed}, radius[name], rnd,
-                                   source=f"reviewed:{inp.source}")
-            pos = sum(l.label for l in labs)
-            counts[inp.source] = {"kind": "reviewed", "positive": pos, "negative": len(labs) - pos,
-                                  "shown": len(shown), "uids_shared": nshared, "other_exposures": unmatched}
-            reporter.log(f"reviewed {inp.source}: {len(shown)} queries shown -> {pos} positive, "
-                         f"{len(labs) - pos} negative labels ({nshared} rows kept by uid)")
+            radius.update({n: eng.radius_for(by_name[n].pixel_size) for n in edited})
+            mine = [Answer(rnd - 1, name, ed, inp.source, label_source=f"reviewed:{inp.source}")
+                    for name, ed in sorted(edited.items())]
+            answers += mine
+            counts[inp.source] = {"kind": "reviewed", "answers": mine, "shown": len(shown), "uids_shared": nshared,
+                                  "other_exposures": unmatched}
         else:
             lab = 1 if inp.kind == "positive" else 0
             labs, unmatched = particles_to_labels(inp.dset, specs, lab, rnd, f"{inp.kind}:{inp.source}", s.flip_y) \
                 if len(inp.dset) else ([], 0)
             counts[inp.source] = {"kind": inp.kind, "labels": len(labs), "other_exposures": unmatched}
             reporter.log(f"{inp.kind}s {inp.source}: {len(labs)} labels")
+            new += labs
         if counts[inp.source].get("other_exposures"):
             reporter.log(f"{inp.source}: {counts[inp.source]['other_exposures']} particles lie on exposures not in "
                          "the input and were left out", level="warning")
-        new += labs
-    added = session.labels.add(new)
-    return added, counts
+    outcome = apply_answers(session, answers, radius.__getitem__, "reviewed", extra=new)
+    for src, c in counts.items():  # the review rules live in review.py; here only the report
+        if c["kind"] != "reviewed":
+            continue
+        mine = c.pop("answers")
+        labs = [l for l in outcome.labels if any(l.source.endswith(a.tag) and l.micrograph == a.micrograph
+                                                  for a in mine)]
+        pos = sum(l.label for l in labs)
+        c.update(positive=pos, negative=len(labs) - pos)
+        again = sum(a in outcome.repeated for a in mine)
+        reporter.log(f"reviewed {src}: {c['shown']} queries shown -> {pos} positive, {len(labs) - pos} negative "
+                     f"labels ({c['uids_shared']} rows kept by uid)" + (f"; {again} answer(s) applied before" if again
+                                                                          else ""))
+    return outcome.added, counts
 
 
 def _overlay(item, path: Path, radius: float, picks=None, queries=None, labels=None, title: str = "") -> None:
