@@ -205,6 +205,10 @@ def run_round(session_dir: str | os.PathLike, exposures, project_dir: str | os.P
     with folder_lock(session_dir):
         session = Session(session_dir)
         _check_session_settings(session, s)
+        if not s.predict:
+            for msg in session.note_settings({"recipe": s.recipe, "feature_model": s.feature_model,
+                                              "working_pixel_size": s.working_pixel_size}):
+                reporter.log(msg, level="warning")
         specs = exposures_to_specs(exposures, project_dir, exposures_source, s.pixel_size)
         by_name = {sp.name: sp for sp in specs}
         rnd = session.round

@@ -619,6 +619,9 @@ class Job:
 
         s, session = self.s, self.session
         rnd = session.round
+        for msg in session.note_settings({"recipe": s.recipe, "feature_model": s.feature_model,
+                                          "working_pixel_size": s.working_pixel_size}):
+            self.log.warn(msg)
         train = self.training_keys()
         self.log(f"round {rnd}: learning on {len(train)} micrograph(s): {', '.join(train)}")
         t = time.perf_counter()
