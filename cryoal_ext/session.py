@@ -20,6 +20,8 @@ from .atomic import atomic_path, write_json
 from .labels import LabelStore
 from .review import Edited, diff_edits, shown_digests  # noqa: F401  (Edited, diff_edits: re-exported)
 
+__all__ = ["Edited", "Session", "SessionError", "STATE_FORMAT", "diff_edits"]
+
 STATE_FORMAT = "cryoal_ext.session/1"
 _ROUND_FILE = re.compile(r"round_(\d{3,})\.tsv$")
 

@@ -7,23 +7,23 @@ equal exactly the answers the simulated user gave to proposals it was shown.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from cryoal_ext.acquisition import Proposal
 from cryoal_ext.cli import main
 from cryoal_ext.files import read_coordinates
 from cryoal_ext.review import Edited, diff_edits
-from cryoal_ext.acquisition import Proposal
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -257,7 +257,7 @@ def test_label_store_holds_only_answers_given_each_once(tmp_path, mics, truth, f
     assert main(round_args(mics, s, feature_cache)) == 0
     last_cmd = None
     for step in range(7):
-        state = __import__("json").loads((s / "session.json").read_text())
+        state = json.loads((s / "session.json").read_text())
         latest = state["round"] - 1
         action = rng.choice(["review", "review", "review_killed", "rerun", "plain", "old"])
         if action in ("review", "review_killed") and latest not in reviewed:
