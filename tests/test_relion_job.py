@@ -488,3 +488,26 @@ def test_continued_session_never_turns_unopened_files_into_labels(tmp_path, cach
         assert len(got) == len(shown) and int(got["label"].sum()) == e["kept"]
     assert run(tmp_path, args7, cache_dir, job=job7) == {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err", job7)
     assert len(pd.read_csv(tmp_path / job7 / "labels.tsv", sep="\t")) == len(labels7b)  # unopened again: nothing
+
+
+def test_lost_session_json_is_refused_and_repaired(tmp_path, cache_dir):
+    """Issue 12: a job folder without session.json is refused (labels kept); `cryoal session --repair`
+    rebuilds it from the folder, and the next run neither re-applies the review nor reads the unopened queries."""
+    proj = make_project(tmp_path, EXAMPLE, 50001)
+    base = (f"--in_mics {proj['star']} --diameter {DIAMETER:.1f} --batch 6 --train_micrographs 2 "
+            "--feature_model resnet16_u32")
+    assert run(tmp_path, base, cache_dir) == {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err")
+    for name, f in coordinate_list(tmp_path, JOB + "queries.star").items():
+        picker_edit(f, proj["truth"][stem(name)], 50001)
+    assert run(tmp_path, base, cache_dir) == {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err")
+    labels = (tmp_path / JOB / "labels.tsv").read_bytes()
+    (tmp_path / JOB / "session.json").unlink()
+    assert run(tmp_path, base, cache_dir) == {"RELION_JOB_EXIT_FAILURE"}
+    err = text(tmp_path, "run.err")
+    assert "session.json is missing" in err and "--repair" in err and "Traceback" not in err
+    assert (tmp_path / JOB / "labels.tsv").read_bytes() == labels
+    res = subprocess.run([sys.executable, "-m", "cryoal_ext.cli", "session", JOB, "--repair"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "rebuilt at round 2" in res.stdout, res.stdout + res.stderr
+    assert run(tmp_path, base, cache_dir) == {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err")
+    assert (tmp_path / JOB / "labels.tsv").read_bytes() == labels  # round 1's queries unopened: nothing new
