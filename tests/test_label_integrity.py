@@ -284,3 +284,46 @@ def test_label_store_holds_only_answers_given_each_once(tmp_path, mics, truth, f
             last_cmd = round_args(mics, s, feature_cache)
         assert_store_is(s, given)
     assert len(given) > 0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_writer_gives_the_mode_of_a_plain_write(tmp_path, example_data, umask):
+    """Plain round, prediction (txt/STAR), feature cache, RELION job (STAR, PDF, PNG, npz, json) and cryoSPARC
+    (.cs, PNG): every file we write gets 0666 & ~umask, as open(..., 'w') would give it."""
+    from cryoal_ext.cryosparc import exposures_from_files, save_dataset
+
+    from conftest import relion_project_of
+
+    mrcs = sorted((example_data / "micrographs").glob("*.mrc"))[:2]
+    cache = tmp_path / "cache"
+    want = oct(0o666 & ~umask)
+    old = os.umask(umask)
+    try:
+        s = tmp_path / "session"
+        common = ["--feature-model", "resnet16_u32", "--cache-dir", str(cache), "--device", "cpu"]
+        assert main(["round", *map(str, mrcs), "--session", str(s), "--radius-px", "28", "--batch", "4",
+                     "--train-micrographs", "1", *common]) == 0
+        assert main(["predict", *map(str, mrcs), "--model", str(s / "model.npz"), "--radius-px", "28",
+                     "--out-dir", str(tmp_path / "picks"), "--cache-dir", str(cache), "--device", "cpu"]) == 0
+        proj, star = relion_project_of(example_data / "micrographs", tmp_path / "relion")
+        job = "External/job005/"
+        (proj / job).mkdir(parents=True)
+        env = dict(os.environ, CRYOAL_CACHE=str(cache), OMP_NUM_THREADS="1")
+        script = Path(__file__).resolve().parents[1] / "relion_scripts" / "cryoal_relion.py"
+        res = subprocess.run([sys.executable, str(script), "--o", job, "--in_mics", str(star.relative_to(proj)),
+                              "--radius_px", "28", "--batch", "4", "--train_micrographs", "1", "--feature_model",
+                              "resnet16_u32", "--overlays", "1", "--pipeline_control", job],
+                             cwd=proj, env=env, capture_output=True, text=True, timeout=600)
+        assert (proj / job / "RELION_JOB_EXIT_SUCCESS").exists(), res.stdout + res.stderr
+        cs = save_dataset(tmp_path / "cs" / "exposures.cs", exposures_from_files(mrcs, tmp_path / "cs"))
+        assert main(["cryosparc", "--exposures", str(cs), "--project-dir", str(tmp_path / "cs"), "--session",
+                     str(tmp_path / "cs_session"), "--radius-px", "28", "--batch", "4", "--cache-dir", str(cache),
+                     "--out", str(tmp_path / "cs" / "queries.cs")]) == 0
+    finally:
+        os.umask(old)
+    ours = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink() and p.suffix != ".mrc"
+            and p.name not in (".cryoal.lock",)]
+    kinds = {p.suffix for p in ours}
+    assert {".tsv", ".json", ".npz", ".npy", ".txt", ".star", ".png", ".pdf", ".cs"} <= kinds, kinds
+    assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in ours} == \
+        {str(p.relative_to(tmp_path)): want for p in ours}
