@@ -41,8 +41,8 @@ def overlays(job_dir: str, summary: dict) -> list[ResultsDisplayObject]:
             "image",
             title=f"Picks on {mic}",
             image_path=str(png),
-            image_desc=("blue circles: picks at the threshold; yellow: proposals to review; + / x: your"
-                        " positive / negative labels"),
+            image_desc=("blue circles: picks at the threshold; yellow: proposals to review; green + / red x:"
+                        " your positive / negative labels"),
             associated_data=[picks],
         ))
     return out
