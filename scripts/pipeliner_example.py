@@ -22,7 +22,7 @@ from pipeliner.api.manage_project import PipelinerProject
 from pipeliner.starfile_handler import StarFile
 
 import cryoal_ext
-from cryoal_ext.relion import read_coordinate_list, read_mic_coordinates
+from cryoal_ext.relion import read_coordinate_list, read_mic_coordinates, read_star
 
 EXAMPLE = Path(cryoal_ext.__file__).parent / "example_data" / "empiar10028_small"
 RADIUS_PX = 28.0  # particle radius in pixels of the crops (300 A at 5.36 A/px)
@@ -60,6 +60,10 @@ def continue_with(project: PipelinerProject, job_name: str, **options: str) -> N
         job.joboptions[key].value = value
     job.write_jobstar(job.output_dir, "continue_job.star", is_continue=True)
     project.continue_job(job_name, run_in_foreground=True)
+    status = project.wait_for_job_to_finish(job_name, error_on_fail=True)
+    summary = json.loads(Path(job_name, "summary.json").read_text())
+    print(f"{job_name}: continued ({', '.join(f'{k}={v}' for k, v in options.items())}) {status}: "
+          f"{summary['mode']} run, round {summary['round']}, labels {summary['labels']}")
 
 
 def run(project: PipelinerProject, params: dict) -> str:
@@ -101,7 +105,8 @@ def main(project_dir: str) -> None:
                               "coords_suffix": picker + "autopick.star", "extract_size": 64,
                               "do_invert": "Yes", "do_norm": "Yes", "bg_diameter": 56, "nr_mpi": 1})
     n = StarFile(extracted + "particles.star").count_block("particles")
-    print(f"{extracted}particles.star: {n} particles")
+    per_mic = read_star(extracted + "particles.star")["particles"].groupby("rlnMicrographName").size()
+    print(f"{extracted}particles.star: {n} particles ({', '.join(f'{Path(m).stem} {c}' for m, c in per_mic.items())})")
 
 
 if __name__ == "__main__":
