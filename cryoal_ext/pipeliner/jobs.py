@@ -6,8 +6,10 @@ RELION_OUTPUT_NODES.star are left in the folder, harmless to the pipeliner and u
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Dict, List, Sequence, Union
 
@@ -47,10 +49,11 @@ class CryoalJobBase(PipelinerJob):
         self.jobinfo.job_author = "cryoal_ext developers"
         self.jobinfo.documentation = DOCS
         self.jobinfo.references = [TOPAZ]
-        try:  # importable here means the command can run: it uses this same interpreter
-            import cryoal_ext.relion_job  # noqa: F401
-        except ImportError as exc:
-            self.jobinfo.alternative_unavailable_reason = f"cryoal_ext cannot be imported ({exc})"
+        # the command runs in this same interpreter: it needs the engine's heavy dependencies here
+        missing = [m for m in ("torch", "topaz") if importlib.util.find_spec(m) is None]
+        if missing:
+            self.jobinfo.alternative_unavailable_reason = (
+                f"{', '.join(missing)} not installed in {sys.executable}'s environment")
 
     def get_commands(self) -> List[PipelinerCommand]:
         args = relion_job_arguments(self.joboptions, self.output_dir)
