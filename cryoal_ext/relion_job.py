@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import sys
@@ -155,8 +156,10 @@ def _number(name: str, v, kind=float, positive: bool = False):
         return None
     try:
         x = kind(float(v)) if kind is int else kind(v)
-    except ValueError:
-        raise R.RelionError(f"--{name} {v!r}: expected a number") from None
+    except (ValueError, OverflowError):  # int(float('inf')) overflows
+        raise R.RelionError(f"--{name} {v!r}: expected a finite number") from None
+    if not math.isfinite(x):
+        raise R.RelionError(f"--{name} {v!r}: expected a finite number")
     if positive and x <= 0:
         raise R.RelionError(f"--{name} {v!r}: must be positive")
     return x

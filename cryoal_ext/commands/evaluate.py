@@ -6,15 +6,16 @@ import json
 from ..files import by_micrograph, read_coordinates
 from ..io import list_micrographs, micrograph_name, read_mrc
 from ..metrics import evaluate
+from ..validate import finite_number, non_negative_number, positive_number
 
 
 def add_arguments(p) -> None:
     p.add_argument("--picks", required=True, help="picks (Topaz txt with score, or RELION STAR with FOM)")
     p.add_argument("--truth", required=True, help="ground truth (Topaz txt or RELION STAR)")
-    p.add_argument("--radius-px", type=float, required=True)
-    p.add_argument("--border-px", type=float, default=0.0)
+    p.add_argument("--radius-px", type=positive_number, required=True, help="match radius in micrograph pixels")
+    p.add_argument("--border-px", type=non_negative_number, default=0.0)
     p.add_argument("--micrographs", default=None, help="folder of the micrographs (needed for --border-px)")
-    p.add_argument("--threshold", type=float, default=0.5, help="score threshold for TP/FP counts")
+    p.add_argument("--threshold", type=finite_number, default=0.5, help="score threshold for TP/FP counts")
     p.add_argument("--plot", default=None, help="precision-recall curve PNG")
     p.add_argument("--debug", action="store_true")
 

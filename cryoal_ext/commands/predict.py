@@ -14,7 +14,8 @@ from ..io import file_digest
 from ..model import BLR
 from ..shard import Shard, is_complete, merge, reconcile_manifest, write_error, write_micrograph
 from ..workflow import EngineSettings, suggest_threshold
-from .common import add_engine_arguments, apply_threads
+from .common import add_engine_arguments, add_size_arguments, apply_threads, given
+from ..validate import probability, positive_int
 from .features import expand
 
 FORMATS = ("txt", "star")
@@ -27,10 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--project-dir", default=".",
                    help="folder that relative paths in .txt/.star/.cs lists start from (default: here)")
     p.add_argument("--model", default=None, help="model.npz from a round or the benchmark (default: pretrained head)")
-    size = p.add_mutually_exclusive_group(required=True)
-    size.add_argument("--radius-px", type=float, help="particle radius in micrograph pixels")
-    size.add_argument("--diameter-A", type=float, help="particle diameter in Angstrom")
-    p.add_argument("--threshold", type=float, default=None, help="keep picks with probability >= this")
+    add_size_arguments(p)
+    p.add_argument("--threshold", type=probability, default=None, help="keep picks with probability >= this")
     p.add_argument("--out-dir", required=True,
                    help="per-micrograph picks in OUT/micrographs/, merged into OUT/picks.txt (+ picks.star)")
     p.add_argument("--format", default="txt,star", help="comma-separated: txt, star (txt is always written)")
@@ -38,14 +37,14 @@ def add_arguments(p) -> None:
                    help="process only the i-th of N parts of the sorted micrograph list (1-based); 'slurm' takes "
                         "i and N from a SLURM job array; join the parts with cryoal merge")
     p.add_argument("--overwrite", action="store_true", help="redo micrographs that already have outputs")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="micrographs per forward pass (default 1 on CPU, 4 on GPU)")
     p.add_argument("--precision", default=None, choices=("fp32", "fp16", "bf16"),
                    help="backbone arithmetic: fp32 (default), fp16 (autocast, CUDA only), bf16 (autocast); "
                         "check the AP on your data first")
     p.add_argument("--half", action="store_true", help="same as --precision fp16")
     p.add_argument("--prefetch", type=int, default=2, help="micrographs read ahead of the network (default 2)")
-    p.add_argument("--readers", type=int, default=None,
+    p.add_argument("--readers", type=positive_int, default=None,
                    help="threads reading and normalising micrographs (default 1 on CPU, up to 4 on GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_arguments(p)

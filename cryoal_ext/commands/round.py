@@ -12,22 +12,21 @@ from ..labels import Label
 from ..recipes import get_recipe
 from ..session import Edited, Session, diff_edits
 from ..workflow import EngineSettings, MicrographSpec, choose_training, featurise, labelling_round, predict
-from .common import add_engine_arguments, apply_threads
+from .common import add_engine_arguments, add_size_arguments, apply_threads
+from ..validate import positive_int
 from .features import expand
 
 
 def add_arguments(p) -> None:
     p.add_argument("micrographs", nargs="+", help="MRC files or folders")
     p.add_argument("--session", required=True, help="session folder (labels, model, proposals); resumes if it exists")
-    size = p.add_mutually_exclusive_group(required=True)
-    size.add_argument("--radius-px", type=float, help="particle radius in micrograph pixels")
-    size.add_argument("--diameter-A", type=float, help="particle diameter in Angstrom")
+    add_size_arguments(p)
     p.add_argument("--positives", action="append", default=[], help="picks to add as positives (txt/STAR)")
     p.add_argument("--negatives", action="append", default=[], help="picks to add as negatives (txt/STAR)")
     p.add_argument("--reviewed", default=None,
                    help="the last round's queries after review (txt/STAR): kept = positive, deleted = negative, added = positive")
-    p.add_argument("--batch", type=int, default=10)
-    p.add_argument("--train-micrographs", type=int, default=2)
+    p.add_argument("--batch", type=positive_int, default=10)
+    p.add_argument("--train-micrographs", type=positive_int, default=2)
     p.add_argument("--recipe", default="default")
     p.add_argument("--seed", type=int, default=0)
     add_engine_arguments(p)
