@@ -186,6 +186,19 @@ def _overlay(item, path: Path, radius: float, picks=None, queries=None, labels=N
                  radius=f.radius_to_working(radius), title=title, scale=(f.scale_x, f.scale_y))
 
 
+def check_sizes(specs: list[MicrographSpec], s: RoundSettings) -> None:
+    """The particle must fit every exposure (micrograph_blob/shape) and its working image the memory,
+    checked from the dataset alone before any label is read or micrograph loaded."""
+    from .validate import SizeRules, available_memory, check_micrograph
+
+    rules = SizeRules(radius_px=s.radius_px, diameter_A=s.diameter_A, working_pixel_size=s.working_pixel_size,
+                      feature_model=s.feature_model)
+    memory = available_memory()
+    for key in sorted({(sp.extra["shape"], float(sp.pixel_size)): sp.path for sp in specs}.items()):
+        (shape, ps), path = key
+        check_micrograph(path, shape, ps, rules, memory)
+
+
 def run_round(session_dir: str | os.PathLike, exposures, project_dir: str | os.PathLike | None,
               inputs: list[LabelInput], s: RoundSettings, reporter: Reporter | None = None,
               exposures_source: str = "exposures") -> RoundOutput:
@@ -195,6 +208,7 @@ def run_round(session_dir: str | os.PathLike, exposures, project_dir: str | os.P
         session = Session(session_dir)
         _check_session_settings(session, s)
         specs = exposures_to_specs(exposures, project_dir, exposures_source, s.pixel_size)
+        check_sizes(specs, s)
         by_name = {sp.name: sp for sp in specs}
         rnd = session.round
         reporter.log(f"session {session.folder}, round {rnd}: {len(specs)} exposures from {exposures_source}")
@@ -701,8 +715,15 @@ def _file_inputs(args) -> list[LabelInput]:
 def main(args) -> int:
     from .commands.common import apply_threads
 
+    from .validate import check_writable
+
     apply_threads(args)
     s = settings_from_args(args)
+    check_writable(args.session, "session folder (--session)")
+    check_writable(args.cache_dir, "feature cache folder (--cache-dir)")
+    for f in (args.out, args.picks):
+        if f:
+            check_writable(Path(f).parent, f"folder of {f}")
     if s.model and not s.predict:
         raise ValueError("--model is only used with --predict")
     if args.exposures:

@@ -85,7 +85,7 @@ def positive_int(text: str) -> int:
 
 
 # --- pixel sizes ---------------------------------------------------------------------------------
-def check_pixel_size(value: float | None, where: str, fix: str = "give the right one with --pixel-size") -> float:
+def check_pixel_size(value: float | None, where: str, fix: str = "give it with --pixel-size") -> float:
     """``value`` (A/px) from ``where`` (a file's header, a STAR or .cs field): refuse missing, negative, absurd."""
     if value is None or value == 0 or (isinstance(value, float) and math.isnan(value)):
         raise InputError(f"{where}: no pixel size; {fix}")
@@ -206,7 +206,7 @@ def check_micrograph_files(files: Iterable[str | os.PathLike], given_pixel_size:
         else:
             host = pixel_size_of(f) if pixel_size_of else None
             ps = check_pixel_size(host if host else h.pixel_size, f if host else f"{f} (MRC header)",
-                                  f"give the right one with {rules.pixel_size_option}")
+                                  f"give it with {rules.pixel_size_option}")
         key = (h.shape, ps)
         if key in seen:
             continue

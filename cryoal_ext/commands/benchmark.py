@@ -5,7 +5,7 @@ import json
 
 from ..benchmark import BenchmarkSettings, run_benchmark
 from ..validate import non_negative_number, positive_int, positive_number
-from .common import add_engine_arguments, apply_threads, parse_int_list
+from .common import add_engine_arguments, apply_threads, check_inputs, parse_int_list
 
 
 def add_arguments(p) -> None:
@@ -46,6 +46,13 @@ def _overrides(items):
 
 def main(args) -> int:
     apply_threads(args)
+    from pathlib import Path
+
+    from ..io import list_micrographs
+
+    check_inputs(args, list_micrographs(args.micrographs),
+                 {"output folder (--json)": Path(args.json).parent, "--picks-out folder": args.picks_out,
+                  "feature cache folder (--cache-dir)": args.cache_dir})
     seeds = args.seeds or (tuple(range(args.seed, args.seed + args.repeats)) if args.repeats else (args.seed,))
     s = BenchmarkSettings(
         micrographs=args.micrographs, truth=args.truth, radius_px=args.radius_px, pixel_size=args.pixel_size,

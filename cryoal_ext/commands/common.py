@@ -60,3 +60,17 @@ def parse_int_list(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in str(text).split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def check_inputs(args, files, folders: dict[str, str | os.PathLike | None], batch: int = 1,
+                 feature_model: str | None = None) -> None:
+    """Refuse bad input before any slow work or any write: unwritable folders (``{what: folder}``), a particle
+    that does not fit the micrographs, absurd pixel sizes, a working image too large for memory."""
+    from ..validate import SizeRules, check_micrograph_files, check_writable
+
+    for what, folder in folders.items():
+        check_writable(folder, what)
+    rules = SizeRules(radius_px=getattr(args, "radius_px", None), diameter_A=getattr(args, "diameter_A", None),
+                      working_pixel_size=args.working_pixel_size,
+                      feature_model=feature_model or args.feature_model, batch=batch)
+    check_micrograph_files(files, args.pixel_size, rules)

@@ -14,7 +14,7 @@ from ..io import file_digest
 from ..model import BLR
 from ..shard import Shard, is_complete, merge, reconcile_manifest, write_error, write_micrograph
 from ..workflow import EngineSettings, suggest_threshold
-from .common import add_engine_arguments, add_size_arguments, apply_threads, given
+from .common import add_engine_arguments, add_size_arguments, apply_threads, check_inputs, given
 from ..validate import probability, positive_int
 from .features import expand
 
@@ -118,6 +118,10 @@ def main(args) -> int:
     resolve_precision(precision, device)  # refuse fp16 on the CPU before anything is read or written
     model = BLR.load(args.model) if args.model else None
     feature_model = model.meta.get("feature_model", args.feature_model) if model else args.feature_model
+    if model is not None and given(args, "feature_model") and feature_model != args.feature_model:
+        raise ValueError(f"--feature-model {args.feature_model} does not match {args.model}, which was trained on "
+                         f"{feature_model} features; drop --feature-model (the model's own is used) or give a model "
+                         f"trained on {args.feature_model}")
     engine = EngineSettings(radius_px=args.radius_px, diameter_A=args.diameter_A, feature_model=feature_model,
                             working_pixel_size=args.working_pixel_size, device=args.device)
     files = micrograph_inputs(args.micrographs, args.project_dir)
@@ -127,12 +131,14 @@ def main(args) -> int:
             raise ValueError(f"two micrographs share the name {f.stem}: {by_name[f.stem]} and {f}")
         by_name[f.stem] = f
     out = Path(args.out_dir)
+    batch = args.batch_size or (4 if device.startswith("cuda") else 1)
+    check_inputs(args, [by_name[n] for n in sorted(by_name)], {"output folder (--out-dir)": out}, batch=batch,
+                 feature_model=feature_model)
     settings = run_settings(args, args.model, feature_model, formats)
     reconcile_manifest(out, settings, [{"name": n, "path": str(by_name[n])} for n in sorted(by_name)],
                        overwrite=args.overwrite)
     mine = shard.select(list(by_name))
     todo = [n for n in mine if args.overwrite or not is_complete(out, n, formats)]
-    batch = args.batch_size or (4 if device.startswith("cuda") else 1)
     ps = PredictSettings(feature_model=feature_model, working_pixel_size=args.working_pixel_size, device=device,
                          batch_size=batch, precision=precision, prefetch=args.prefetch, readers=args.readers,
                          threshold=args.threshold)

@@ -12,7 +12,7 @@ from ..labels import Label
 from ..recipes import get_recipe
 from ..session import Edited, Session, diff_edits
 from ..workflow import EngineSettings, MicrographSpec, choose_training, featurise, labelling_round, predict
-from .common import add_engine_arguments, add_size_arguments, apply_threads
+from .common import add_engine_arguments, add_size_arguments, apply_threads, check_inputs
 from ..validate import positive_int
 from .features import expand
 
@@ -39,6 +39,7 @@ def import_picks(path: str, label: int, round_: int, source: str) -> list[Label]
 
 def main(args) -> int:
     apply_threads(args)
+    _check_round_inputs(args)
     with folder_lock(args.session):
         session = Session(args.session)
         rnd = session.round
@@ -79,6 +80,19 @@ def main(args) -> int:
         print(f"round {rnd}: +{added} labels ({res.n_labels} total, {res.n_positive} positive); "
               f"{len(res.proposals)} queries -> {out / 'queries.txt'}; model -> {session.model_path}")
     return 0
+
+
+def _check_round_inputs(args) -> None:
+    """Bad input is refused here, before the session folder is locked (created) or a label is stored."""
+    from ..files import check_inside
+    from ..validate import read_header
+
+    files = expand(args.micrographs)
+    check_inputs(args, files, {"session folder (--session)": args.session,
+                               "feature cache folder (--cache-dir)": args.cache_dir})
+    shapes = {f.stem: h.shape for f in files if (h := read_header(f)) is not None}
+    for f in [*args.positives, *args.negatives, *([args.reviewed] if args.reviewed else [])]:
+        check_inside(read_coordinates(f), shapes, f)
 
 
 def _pixel_size(specs, args) -> float:
