@@ -11,9 +11,9 @@ from ..files import by_micrograph, read_coordinates, write_topaz
 from ..labels import Label
 from ..recipes import get_recipe
 from ..session import Edited, Session, diff_edits
+from ..validate import positive_int
 from ..workflow import EngineSettings, MicrographSpec, choose_training, featurise, labelling_round, predict
 from .common import add_engine_arguments, add_size_arguments, apply_threads, check_inputs
-from ..validate import positive_int
 from .features import expand
 
 
