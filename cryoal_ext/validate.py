@@ -185,11 +185,13 @@ def check_micrograph(path: str, shape: tuple[int, int], ps: float, rules: SizeRu
 
 
 def check_micrograph_files(files: Iterable[str | os.PathLike], given_pixel_size: float | None, rules: SizeRules,
-                           pixel_size_of: Callable[[str], float | None] | None = None) -> int:
+                           pixel_size_of: Callable[[str], float | None] | None = None,
+                           skip_bad_pixel_size: bool = False) -> int:
     """Headers of ``files`` against ``rules`` before any slow work; returns how many were checked.
 
     ``pixel_size_of``: a host's own pixel size per file (a STAR or .cs value) used before the header.
-    Unreadable files are left to the reader, which names them.  Identical (shape, pixel size) pairs are
+    Unreadable files are left to the reader, which names them; so are files with a bad header pixel size when
+    ``skip_bad_pixel_size`` (prediction records them per micrograph and goes on with the rest).  Identical (shape, pixel size) pairs are
     checked once, so thousands of micrographs cost one header read each.
     """
     seen: set[tuple] = set()
@@ -205,8 +207,13 @@ def check_micrograph_files(files: Iterable[str | os.PathLike], given_pixel_size:
             ps = float(given_pixel_size)
         else:
             host = pixel_size_of(f) if pixel_size_of else None
-            ps = check_pixel_size(host if host else h.pixel_size, f if host else f"{f} (MRC header)",
-                                  f"give it with {rules.pixel_size_option}")
+            try:
+                ps = check_pixel_size(host if host else h.pixel_size, f if host else f"{f} (MRC header)",
+                                      f"give it with {rules.pixel_size_option}")
+            except InputError:
+                if skip_bad_pixel_size:
+                    continue
+                raise
         key = (h.shape, ps)
         if key in seen:
             continue

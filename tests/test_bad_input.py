@@ -190,6 +190,22 @@ def test_header_pixel_size_absurd_negative_or_missing(voxel, say, tmp_path, mics
         load_micrograph(odd)
 
 
+def test_predict_records_a_bad_header_pixel_size_and_picks_the_rest(mics, tmp_path, capsys):
+    """Prediction goes on past one bad micrograph (as for an unreadable one): its error file says why, exit 1."""
+    import shutil
+
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy(mics / "plain_a.mrc", d)
+    write_mrc(d / "odd.mrc", blob_image((256, 256), CENTRES).astype(np.float32), voxel_size=1e6)
+    out = tmp_path / "p"
+    rc, _, err = run(["predict", d, "--out-dir", out, "--radius-px", RADIUS, "--no-progress", *FAST], capsys)
+    assert rc == 1 and "Traceback" not in err
+    assert "odd.mrc (MRC header): pixel size 1e+06 A/px is outside the plausible 0.1-50 A/px" in \
+        (out / "micrographs" / "odd_error.txt").read_text()
+    assert (out / "micrographs" / "plain_a_picks.txt").exists()
+
+
 # --- labels outside the micrograph ---------------------------------------------------------------
 @pytest.mark.parametrize("option", ["--positives", "--negatives", "--reviewed"])
 def test_labels_outside_the_micrograph_are_refused(option, tmp_path, mics, session, feature_cache, capsys):

@@ -63,7 +63,7 @@ def parse_int_list(text: str) -> tuple[int, ...]:
 
 
 def check_inputs(args, files, folders: dict[str, str | os.PathLike | None], batch: int = 1,
-                 feature_model: str | None = None) -> None:
+                 feature_model: str | None = None, skip_bad_pixel_size: bool = False) -> None:
     """Refuse bad input before any slow work or any write: unwritable folders (``{what: folder}``), a particle
     that does not fit the micrographs, absurd pixel sizes, a working image too large for memory."""
     from ..validate import SizeRules, check_micrograph_files, check_writable
@@ -73,4 +73,4 @@ def check_inputs(args, files, folders: dict[str, str | os.PathLike | None], batc
     rules = SizeRules(radius_px=getattr(args, "radius_px", None), diameter_A=getattr(args, "diameter_A", None),
                       working_pixel_size=args.working_pixel_size,
                       feature_model=feature_model or args.feature_model, batch=batch)
-    check_micrograph_files(files, args.pixel_size, rules)
+    check_micrograph_files(files, args.pixel_size, rules, skip_bad_pixel_size=skip_bad_pixel_size)

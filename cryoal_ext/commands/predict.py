@@ -132,8 +132,10 @@ def main(args) -> int:
         by_name[f.stem] = f
     out = Path(args.out_dir)
     batch = args.batch_size or (4 if device.startswith("cuda") else 1)
+    # a micrograph with a bad pixel size fails softly below (its error file says why); a particle too large for
+    # the micrographs or a working image too large for memory is the settings' fault: refused before any work
     check_inputs(args, [by_name[n] for n in sorted(by_name)], {"output folder (--out-dir)": out}, batch=batch,
-                 feature_model=feature_model)
+                 feature_model=feature_model, skip_bad_pixel_size=True)
     settings = run_settings(args, args.model, feature_model, formats)
     reconcile_manifest(out, settings, [{"name": n, "path": str(by_name[n])} for n in sorted(by_name)],
                        overwrite=args.overwrite)
