@@ -21,12 +21,20 @@ SUBCOMMANDS = {
 }
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: a bad option value is bad input like any other, so it exits 1 (argparse says 2)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="cryoal", description="Active-learning particle picking on Topaz features.")
     parser.add_argument("--version", action="version", version=f"cryoal_ext {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     for name, (module, help_) in SUBCOMMANDS.items():
         try:
             mod = importlib.import_module(module)
@@ -56,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "debug", False):
             raise
         print(f"cryoal {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except PermissionError as exc:  # a last net: the commands check their folders before slow work
+        if getattr(args, "debug", False):
+            raise
+        print(f"cryoal {args.command}: error: permission denied: {exc.filename or exc}", file=sys.stderr)
         return 1
 
 

@@ -91,3 +91,16 @@ def inside_border(x, y, shape: tuple[int, int], border: float) -> np.ndarray:
     if border <= 0:
         return np.ones(x.shape, dtype=bool)
     return (x >= border) & (x < nx - border) & (y >= border) & (y < ny - border)
+
+
+def outside(x, y, shape: tuple[int, int]) -> np.ndarray:
+    """Mask of centres off an image of ``shape`` = (ny, nx): not 0 <= x <= nx and 0 <= y <= ny, or not finite.
+
+    The closed range matches cryoSPARC's fractions 0..1; anything further out cannot be a particle of that image.
+    """
+    ny, nx = shape
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    with np.errstate(invalid="ignore"):
+        inside = (x >= 0) & (x <= nx) & (y >= 0) & (y <= ny)
+    return ~inside

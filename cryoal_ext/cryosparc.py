@@ -21,10 +21,11 @@ import numpy as np
 
 from .acquisition import Proposal
 from .atomic import atomic_path
-from .coords import from_fraction, to_fraction
+from .coords import from_fraction, outside, to_fraction
 from .io import micrograph_name
 from .labels import Label
 from .session import Edited
+from .validate import PIXEL_SIZE_RANGE
 from .workflow import MicrographSpec
 
 # fields of a particle output, as cryoSPARC's pickers and Extract From Micrographs have them
@@ -148,6 +149,13 @@ def exposures_to_specs(dset, project_dir: str | os.PathLike | None, source: str 
         i = bad_shape[0]
         raise CryoSPARCDataError(f"{source}: micrograph_blob/shape {shapes[i].tolist()} is not [ny, nx] "
                                  f"for uid {int(uids[i])} ({paths[i]})")
+    lo, hi = PIXEL_SIZE_RANGE
+    odd = np.flatnonzero((psizes > 0) & ~((psizes >= lo) & (psizes <= hi)))
+    if odd.size:
+        i = int(odd[0])
+        raise CryoSPARCDataError(f"{source}: micrograph_blob/psize_A = {psizes[i]:g} A/px is outside the plausible "
+                                 f"{lo:g}-{hi:g} A/px for {odd.size} exposure(s), e.g. uid {int(uids[i])} ({paths[i]}); "
+                                 "import the exposures again with the right pixel size")
     dup = [u for u, c in Counter(uids.tolist()).items() if c > 1]
     if dup:
         raise CryoSPARCDataError(f"{source}: exposure uid {dup[0]} appears more than once")
@@ -250,6 +258,12 @@ def particles_to_coordinates(dset, specs: Iterable[MicrographSpec], source: str 
     fx = np.asarray(dset["location/center_x_frac"], dtype=float)
     fy = np.asarray(dset["location/center_y_frac"], dtype=float)
     puid = np.asarray(dset["uid"], dtype=np.uint64)
+    for field_name, v in (("location/center_x_frac", fx), ("location/center_y_frac", fy)):
+        bad = np.flatnonzero(~np.isfinite(v))
+        if bad.size:
+            i = int(bad[0])
+            raise CryoSPARCDataError(f"{source}: {field_name} is {v[i]} (not a number) in row {i} (particle uid "
+                                     f"{int(puid[i])}) and {bad.size - 1} more row(s); these particles cannot be read")
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     uids: dict[str, np.ndarray] = {}
     matched = 0
@@ -259,6 +273,14 @@ def particles_to_coordinates(dset, specs: Iterable[MicrographSpec], source: str 
             continue
         sel = mic == u
         x, y = from_fraction(fx[sel], fy[sel], spec.extra["shape"], flip_y=flip_y)
+        off = np.flatnonzero(sel)[outside(x, y, spec.extra["shape"])]
+        if off.size:
+            i = int(off[0])
+            ny, nx = spec.extra["shape"]
+            raise CryoSPARCDataError(
+                f"{source}: row {i} (particle uid {int(puid[i])}) has center_x_frac {fx[i]:g}, center_y_frac "
+                f"{fy[i]:g}: outside micrograph {spec.name} ({nx} x {ny} px; fractions run 0 to 1); "
+                f"{off.size} such row(s) on it")
         out[spec.name] = (x, y)
         uids[spec.name] = puid[sel]
         matched += int(sel.sum())

@@ -197,6 +197,19 @@ def _overlay(item, path: Path, radius: float, picks=None, queries=None, labels=N
                  radius=f.radius_to_working(radius), title=title, scale=(f.scale_x, f.scale_y))
 
 
+def check_sizes(specs: list[MicrographSpec], s: RoundSettings) -> None:
+    """The particle must fit every exposure (micrograph_blob/shape) and its working image the memory,
+    checked from the dataset alone before any label is read or micrograph loaded."""
+    from .validate import SizeRules, available_memory, check_micrograph
+
+    rules = SizeRules(radius_px=s.radius_px, diameter_A=s.diameter_A, working_pixel_size=s.working_pixel_size,
+                      feature_model=s.feature_model)
+    memory = available_memory()
+    for key in sorted({(sp.extra["shape"], float(sp.pixel_size)): sp.path for sp in specs}.items()):
+        (shape, ps), path = key
+        check_micrograph(path, shape, ps, rules, memory)
+
+
 def run_round(session_dir: str | os.PathLike, exposures, project_dir: str | os.PathLike | None,
               inputs: list[LabelInput], s: RoundSettings, reporter: Reporter | None = None,
               exposures_source: str = "exposures") -> RoundOutput:
@@ -210,6 +223,7 @@ def run_round(session_dir: str | os.PathLike, exposures, project_dir: str | os.P
                                               "working_pixel_size": s.working_pixel_size}):
                 reporter.log(msg, level="warning")
         specs = exposures_to_specs(exposures, project_dir, exposures_source, s.pixel_size)
+        check_sizes(specs, s)
         by_name = {sp.name: sp for sp in specs}
         rnd = session.round
         reporter.log(f"session {session.folder}, round {rnd}: {len(specs)} exposures from {exposures_source}")
@@ -637,27 +651,26 @@ def run_live(cs, live: LiveSpec, session_dir: str, s: RoundSettings,
 
 # --- command line -------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .commands.common import add_engine_arguments
+    from .commands.common import add_engine_arguments, add_size_arguments
+    from .validate import positive_int, probability
 
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--exposures", help="offline: exposures .cs file, e.g. <project>/J12/J12_exposures_accepted.cs")
     src.add_argument("--exposures-job", help="live: job uid whose output gives the exposures, e.g. J12")
     p.add_argument("--session", required=True, help="session folder (labels, model, queries shown); a re-run resumes")
-    size = p.add_mutually_exclusive_group(required=True)
-    size.add_argument("--radius-px", type=float, help="particle radius in micrograph pixels")
-    size.add_argument("--diameter-A", type=float, help="particle diameter in Angstrom")
+    add_size_arguments(p)
     p.add_argument("--project-dir", default=None,
                    help="the cryoSPARC project folder as this node sees it (micrograph_blob/path is relative to it); "
                         "offline default: the current folder; live default: the project's directory")
     p.add_argument("--predict", action="store_true", help="final run: (re)fit on every label and pick every exposure")
-    p.add_argument("--threshold", type=float, default=0.01,
+    p.add_argument("--threshold", type=probability, default=0.01,
                    help="lowest probability written to particles (default %(default)s; threshold in Inspect Picks)")
     p.add_argument("--model", default=None, help="with --predict: pick with this model.npz instead of the session's")
     p.add_argument("--flip-y", action="store_true",
                    help="center_y_frac = 1 - y/ny (only if picks land mirrored top-bottom; fixed per session)")
     p.add_argument("--with-psize", action="store_true", help="also write location/micrograph_psize_A")
-    p.add_argument("--batch", type=int, default=10, help="queries per round (default %(default)s)")
-    p.add_argument("--train-micrographs", type=int, default=2,
+    p.add_argument("--batch", type=positive_int, default=10, help="queries per round (default %(default)s)")
+    p.add_argument("--train-micrographs", type=positive_int, default=2,
                    help="micrographs queried per round (default %(default)s)")
     p.add_argument("--recipe", default="default")
     p.add_argument("--seed", type=int, default=0)
@@ -717,8 +730,15 @@ def _file_inputs(args) -> list[LabelInput]:
 def main(args) -> int:
     from .commands.common import apply_threads
 
+    from .validate import check_writable
+
     apply_threads(args)
     s = settings_from_args(args)
+    check_writable(args.session, "session folder (--session)")
+    check_writable(args.cache_dir, "feature cache folder (--cache-dir)")
+    for f in (args.out, args.picks):
+        if f:
+            check_writable(Path(f).parent, f"folder of {f}")
     if s.model and not s.predict:
         raise ValueError("--model is only used with --predict")
     if args.exposures:

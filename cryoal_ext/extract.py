@@ -15,6 +15,12 @@ def _disc(radius: float) -> tuple[np.ndarray, np.ndarray]:
     return yy[keep], xx[keep]
 
 
+def _capped(radius: float, shape: tuple[int, int]) -> float:
+    """The suppression radius, at most the image diagonal: a larger disc suppresses exactly the same pixels,
+    and its offsets would need memory growing with radius squared (a 1e5 A particle: 20+ GB)."""
+    return min(max(float(radius), 0.0), float(np.hypot(*shape)) + 1.0)
+
+
 def nms(score: np.ndarray, radius: float, threshold: float | None = None, max_picks: int | None = None):
     """Greedy NMS: repeatedly take the best remaining pixel and suppress a disc of ``radius`` around it.
 
@@ -34,7 +40,7 @@ def nms(score: np.ndarray, radius: float, threshold: float | None = None, max_pi
 def _greedy(order: np.ndarray, flat: np.ndarray, shape: tuple[int, int], radius: float, max_picks: int | None):
     """Greedy suppression along ``order`` (pixel indices, best first)."""
     ny, nx = shape
-    dy, dx = _disc(max(radius, 0.0))
+    dy, dx = _disc(_capped(radius, shape))
     suppressed = np.zeros(ny * nx, dtype=bool)
     picks: list[int] = []
     pos, chunk = 0, 2048
@@ -81,7 +87,7 @@ def nms_top(score: np.ndarray, radius: float, k: int, threshold: float | None = 
     if k <= 0:
         e = np.empty(0, dtype=np.int64)
         return e, e, flat[:0]
-    area = _disc(max(radius, 0.0))[0].size
+    area = _disc(_capped(radius, score.shape))[0].size
     m = first or max(4096, 4 * k * area)
     if np.isnan(flat).any():
         m = n  # NaN has no place in a partial order: take the exact full path

@@ -245,7 +245,10 @@ class FeatureCache:
 
     def __init__(self, folder: str | os.PathLike | None, model: str = DEFAULT_FEATURE_MODEL, device: str | None = None,
                  precision: str | None = None):
+        from .validate import check_writable
+
         parse_feature_model(model)  # a bad name fails here, before any micrograph is read
+        check_writable(folder, "feature cache folder")  # and a read-only cache, not after the features are computed
         self.folder = Path(folder) if folder else None
         self.model = model
         self.device = device

@@ -48,7 +48,7 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def read_mrc(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
-    """Read a 2D MRC as float32 and its header pixel size (None when the header has none).
+    """Read a 2D MRC as float32 and its header pixel size (None when the header has none; negative as stored).
 
     Accepts float32/float16/int modes and a single-section stack.  Anything else (missing,
     truncated, 3D, empty, constant) raises MicrographError naming the file.
@@ -81,7 +81,7 @@ def read_mrc(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
         raise MicrographError(f"{path}: micrograph contains NaN or infinite values")
     if float(data.std()) == 0.0:
         raise MicrographError(f"{path}: micrograph is constant (all pixels equal)")
-    return data, (vs if vs > 0 else None)
+    return data, (vs if vs != 0 and np.isfinite(vs) else None)  # a negative size is kept, to be reported as such
 
 
 def fourier_crop(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -152,13 +152,18 @@ def load_micrograph(
 
     ``pixel_size`` overrides the header (needed when the header is missing or wrong).
     """
+    from .validate import InputError, check_pixel_size
+
     data, header_ps = read_mrc(path)
-    ps = pixel_size if pixel_size else header_ps
-    if not ps:
-        raise MicrographError(
-            f"{path}: no pixel size in the MRC header; give one (--pixel-size, or the STAR/.cs metadata)"
-        )
-    if header_ps and pixel_size and abs(header_ps - pixel_size) / pixel_size > 0.02:
+    try:
+        if pixel_size:
+            ps = check_pixel_size(pixel_size, f"{path}: the pixel size given for it (--pixel-size or STAR/.cs metadata)",
+                                  "check that value")
+        else:
+            ps = check_pixel_size(header_ps, f"{path} (MRC header)", "give it with --pixel-size (or in the STAR/.cs metadata)")
+    except InputError as exc:
+        raise MicrographError(str(exc)) from None
+    if header_ps and header_ps > 0 and pixel_size and abs(header_ps - pixel_size) / pixel_size > 0.02:
         warnings.warn(
             f"{path}: header pixel size {header_ps:.3f} A differs from the given {pixel_size:.3f} A; using the given one"
         )

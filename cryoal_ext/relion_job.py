@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import sys
@@ -156,8 +157,10 @@ def _number(name: str, v, kind=float, positive: bool = False):
         return None
     try:
         x = kind(float(v)) if kind is int else kind(v)
-    except ValueError:
-        raise R.RelionError(f"--{name} {v!r}: expected a number") from None
+    except (ValueError, OverflowError):  # int(float('inf')) overflows
+        raise R.RelionError(f"--{name} {v!r}: expected a finite number") from None
+    if not math.isfinite(x):
+        raise R.RelionError(f"--{name} {v!r}: expected a finite number")
     if positive and x <= 0:
         raise R.RelionError(f"--{name} {v!r}: must be positive")
     return x
@@ -183,6 +186,8 @@ def _files(values) -> list[str]:
 
 def settings_from_args(args) -> JobSettings:
     """Turn the parsed command line into settings, with errors that name the parameter."""
+    from .validate import PIXEL_SIZE_RANGE
+
     g = lambda k: getattr(args, k, None)  # noqa: E731
     out = _text(g("o"))
     if not out:
@@ -214,6 +219,9 @@ def settings_from_args(args) -> JobSettings:
         raise R.RelionError(f"--feature_model: {exc}") from None
     s.working_pixel_size = _number("working_pixel_size", g("working_pixel_size"), positive=True)
     s.pixel_size = _number("pixel_size", g("pixel_size"), positive=True)
+    lo, hi = PIXEL_SIZE_RANGE
+    if s.pixel_size is not None and not lo <= s.pixel_size <= hi:
+        raise R.RelionError(f"--pixel_size {s.pixel_size:g}: not a plausible pixel size (expected {lo:g} to {hi:g} A/px)")
     s.device = _text(g("device"))
     gpu = _text(g("gpu"))
     if gpu and not s.device:

@@ -105,6 +105,18 @@ def picks_lines(p: Picks) -> list[str]:
     return [f"{p.name}\t{p.x[i]:.1f}\t{p.y[i]:.1f}\t{p.score[i]:.6f}" for i in order]
 
 
+_STAR_RESERVED = ("data_", "loop_", "save_", "global_", "stop_")
+
+
+def star_value(value: str) -> str:
+    """A STAR value as written: quoted when it holds whitespace or could be read as syntax (names with spaces)."""
+    text = str(value)
+    if text and not any(c.isspace() for c in text) and text[0] not in "_#$'\"" \
+            and not text.lower().startswith(_STAR_RESERVED):
+        return text
+    return f"'{text}'" if '"' in text else f'"{text}"'
+
+
 def star_text(tables: dict[str, pd.DataFrame], version: int | None = 30001) -> str:
     """STAR text with RELION's ``# version`` line and no time stamp, so equal picks give equal bytes."""
     out = [f"\n# version {version}\n"] if version else []
@@ -114,7 +126,7 @@ def star_text(tables: dict[str, pd.DataFrame], version: int | None = 30001) -> s
         cols = []
         for c in df.columns:
             v = df[c].to_numpy()
-            cols.append([f"{x:.6f}" for x in v] if v.dtype.kind == "f" else [str(x) for x in v])
+            cols.append([f"{x:.6f}" for x in v] if v.dtype.kind == "f" else [star_value(x) for x in v])
         out += ["\t".join(row) for row in zip(*cols)] if cols else []
         out.append("")
     return "\n".join(out) + "\n"
@@ -185,6 +197,36 @@ class MergeResult:
     scores: np.ndarray
 
 
+def read_micrograph_lines(path: Path, name: str) -> tuple[list[str], list[tuple[float, float, float]]]:
+    """The pick lines of one per-micrograph file and their (x, y, score); a damaged file is a ShardError
+    naming it and the line (a replaced or truncated file must not merge as zero picks)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ShardError(f"{path}: unreadable ({exc}); delete it and run predict again to redo {name}") from exc
+    all_lines = text.splitlines()
+    redo = f"delete it and run predict again to redo micrograph {name}"
+    if not all_lines or all_lines[0] != HEADER:
+        raise ShardError(f"{path}: line 1 is not the header {HEADER!r} "
+                         f"({(all_lines[0][:60] if all_lines else 'empty file')!r}); {redo}")
+    if not text.endswith("\n"):
+        raise ShardError(f"{path}: truncated (no newline at the end of line {len(all_lines)}); {redo}")
+    body, rows = all_lines[1:], []
+    for i, line in enumerate(body, 2):
+        parts = line.split("\t")
+        try:
+            if len(parts) != 4 or parts[0] != name:
+                raise ValueError
+            x, y, sc = (float(v) for v in parts[1:])
+            if not (np.isfinite(x) and np.isfinite(y) and 0.0 <= sc <= 1.0):
+                raise ValueError
+        except ValueError:
+            raise ShardError(f"{path}: line {i} is not '{name}<tab>x<tab>y<tab>score' with numbers "
+                             f"({line[:80]!r}); {redo}") from None
+        rows.append((x, y, sc))
+    return body, rows
+
+
 def merge(out_dir, partial: bool = False) -> MergeResult:
     """Join the per-micrograph outputs of ``out_dir`` into picks.txt (+ picks.star, coordinates.star).
 
@@ -206,15 +248,14 @@ def merge(out_dir, partial: bool = False) -> MergeResult:
                                   "rlnAutopickFigureOfMerit": []}
     scores = []
     for m in done:
-        body = txt_path(out_dir, m["name"]).read_text().splitlines()[1:]
+        body, rows = read_micrograph_lines(txt_path(out_dir, m["name"]), m["name"])
         lines += body
-        for line in body:
-            _, x, y, sc = line.split("\t")
+        for x, y, sc in rows:
             star_rows["rlnMicrographName"].append(m["path"])
-            star_rows["rlnCoordinateX"].append(float(x))
-            star_rows["rlnCoordinateY"].append(float(y))
-            star_rows["rlnAutopickFigureOfMerit"].append(float(sc))
-            scores.append(float(sc))
+            star_rows["rlnCoordinateX"].append(x)
+            star_rows["rlnCoordinateY"].append(y)
+            star_rows["rlnAutopickFigureOfMerit"].append(sc)
+            scores.append(sc)
     out = Path(out_dir)
     write_text(out / "picks.txt", "\n".join(lines) + "\n")
     if "star" in formats:

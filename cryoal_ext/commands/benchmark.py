@@ -4,17 +4,18 @@ from __future__ import annotations
 import json
 
 from ..benchmark import BenchmarkSettings, run_benchmark
-from .common import add_engine_arguments, apply_threads, parse_int_list
+from ..validate import non_negative_number, positive_int, positive_number
+from .common import add_engine_arguments, apply_threads, check_inputs, parse_int_list
 
 
 def add_arguments(p) -> None:
     p.add_argument("--micrographs", required=True, help="folder of .mrc micrographs")
     p.add_argument("--truth", required=True, help="ground-truth centres: Topaz txt or RELION STAR")
-    p.add_argument("--radius-px", type=float, required=True, help="particle radius in micrograph pixels")
-    p.add_argument("--border-px", type=float, default=0.0, help="ignore truth and picks this close to an edge")
-    p.add_argument("--train-micrographs", type=int, default=2)
+    p.add_argument("--radius-px", type=positive_number, required=True, help="particle radius in micrograph pixels")
+    p.add_argument("--border-px", type=non_negative_number, default=0.0, help="ignore truth and picks this close to an edge")
+    p.add_argument("--train-micrographs", type=positive_int, default=2)
     p.add_argument("--budgets", type=parse_int_list, default=(10, 25, 50, 100))
-    p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--batch", type=positive_int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=parse_int_list, default=None, help="several seeds, e.g. 0,1,2,3,4")
     p.add_argument("--repeats", type=int, default=None, help="seeds seed..seed+repeats-1")
@@ -45,6 +46,13 @@ def _overrides(items):
 
 def main(args) -> int:
     apply_threads(args)
+    from pathlib import Path
+
+    from ..io import list_micrographs
+
+    check_inputs(args, list_micrographs(args.micrographs),
+                 {"output folder (--json)": Path(args.json).parent, "--picks-out folder": args.picks_out,
+                  "feature cache folder (--cache-dir)": args.cache_dir})
     seeds = args.seeds or (tuple(range(args.seed, args.seed + args.repeats)) if args.repeats else (args.seed,))
     s = BenchmarkSettings(
         micrographs=args.micrographs, truth=args.truth, radius_px=args.radius_px, pixel_size=args.pixel_size,

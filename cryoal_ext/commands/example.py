@@ -7,7 +7,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..benchmark import BenchmarkSettings, run_benchmark
-from .common import add_engine_arguments, apply_threads
+from .common import add_engine_arguments, apply_threads, check_inputs
 
 RADIUS_PX = 28.0
 
@@ -26,6 +26,8 @@ def main(args) -> int:
     apply_threads(args)
     data = example_folder()
     out = Path(args.out)
+    check_inputs(args, sorted((data / "micrographs").glob("*.mrc")),
+                 {"output folder (--out)": out, "feature cache folder (--cache-dir)": args.cache_dir})
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     s = BenchmarkSettings(micrographs=str(data / "micrographs"), truth=str(data / "particles.txt"), radius_px=RADIUS_PX,

@@ -5,7 +5,7 @@ import time
 
 from ..features import FeatureCache
 from ..io import list_micrographs, load_micrograph
-from .common import add_engine_arguments, apply_threads
+from .common import add_engine_arguments, apply_threads, check_inputs
 
 
 def add_arguments(p) -> None:
@@ -26,8 +26,9 @@ def main(args) -> int:
     apply_threads(args)
     from tqdm import tqdm
 
-    cache = FeatureCache(args.cache_dir, args.feature_model, args.device)
     files = expand(args.micrographs)
+    check_inputs(args, files, {"feature cache folder (--cache-dir)": args.cache_dir})
+    cache = FeatureCache(args.cache_dir, args.feature_model, args.device)
     t = time.perf_counter()
     for f in tqdm(files, unit="mic", desc="features"):
         cache.get(load_micrograph(f, args.working_pixel_size, args.pixel_size))

@@ -14,7 +14,8 @@ from ..io import file_digest
 from ..model import BLR
 from ..shard import Shard, is_complete, merge, reconcile_manifest, write_error, write_micrograph
 from ..workflow import EngineSettings, suggest_threshold
-from .common import add_engine_arguments, apply_threads
+from .common import add_engine_arguments, add_size_arguments, apply_threads, check_inputs, given
+from ..validate import probability, positive_int
 from .features import expand
 
 FORMATS = ("txt", "star")
@@ -27,10 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--project-dir", default=".",
                    help="folder that relative paths in .txt/.star/.cs lists start from (default: here)")
     p.add_argument("--model", default=None, help="model.npz from a round or the benchmark (default: pretrained head)")
-    size = p.add_mutually_exclusive_group(required=True)
-    size.add_argument("--radius-px", type=float, help="particle radius in micrograph pixels")
-    size.add_argument("--diameter-A", type=float, help="particle diameter in Angstrom")
-    p.add_argument("--threshold", type=float, default=None, help="keep picks with probability >= this")
+    add_size_arguments(p)
+    p.add_argument("--threshold", type=probability, default=None, help="keep picks with probability >= this")
     p.add_argument("--out-dir", required=True,
                    help="per-micrograph picks in OUT/micrographs/, merged into OUT/picks.txt (+ picks.star)")
     p.add_argument("--format", default="txt,star", help="comma-separated: txt, star (txt is always written)")
@@ -38,14 +37,14 @@ def add_arguments(p) -> None:
                    help="process only the i-th of N parts of the sorted micrograph list (1-based); 'slurm' takes "
                         "i and N from a SLURM job array; join the parts with cryoal merge")
     p.add_argument("--overwrite", action="store_true", help="redo micrographs that already have outputs")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="micrographs per forward pass (default 1 on CPU, 4 on GPU)")
     p.add_argument("--precision", default=None, choices=("fp32", "fp16", "bf16"),
                    help="backbone arithmetic: fp32 (default), fp16 (autocast, CUDA only), bf16 (autocast); "
                         "check the AP on your data first")
     p.add_argument("--half", action="store_true", help="same as --precision fp16")
     p.add_argument("--prefetch", type=int, default=2, help="micrographs read ahead of the network (default 2)")
-    p.add_argument("--readers", type=int, default=None,
+    p.add_argument("--readers", type=positive_int, default=None,
                    help="threads reading and normalising micrographs (default 1 on CPU, up to 4 on GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_arguments(p)
@@ -119,6 +118,10 @@ def main(args) -> int:
     resolve_precision(precision, device)  # refuse fp16 on the CPU before anything is read or written
     model = BLR.load(args.model) if args.model else None
     feature_model = model.meta.get("feature_model", args.feature_model) if model else args.feature_model
+    if model is not None and given(args, "feature_model") and feature_model != args.feature_model:
+        raise ValueError(f"--feature-model {args.feature_model} does not match {args.model}, which was trained on "
+                         f"{feature_model} features; drop --feature-model (the model's own is used) or give a model "
+                         f"trained on {args.feature_model}")
     engine = EngineSettings(radius_px=args.radius_px, diameter_A=args.diameter_A, feature_model=feature_model,
                             working_pixel_size=args.working_pixel_size, device=args.device)
     files = micrograph_inputs(args.micrographs, args.project_dir)
@@ -128,12 +131,16 @@ def main(args) -> int:
             raise ValueError(f"two micrographs share the name {f.stem}: {by_name[f.stem]} and {f}")
         by_name[f.stem] = f
     out = Path(args.out_dir)
+    batch = args.batch_size or (4 if device.startswith("cuda") else 1)
+    # a micrograph with a bad pixel size fails softly below (its error file says why); a particle too large for
+    # the micrographs or a working image too large for memory is the settings' fault: refused before any work
+    check_inputs(args, [by_name[n] for n in sorted(by_name)], {"output folder (--out-dir)": out}, batch=batch,
+                 feature_model=feature_model, skip_bad_pixel_size=True)
     settings = run_settings(args, args.model, feature_model, formats)
     reconcile_manifest(out, settings, [{"name": n, "path": str(by_name[n])} for n in sorted(by_name)],
                        overwrite=args.overwrite)
     mine = shard.select(list(by_name))
     todo = [n for n in mine if args.overwrite or not is_complete(out, n, formats)]
-    batch = args.batch_size or (4 if device.startswith("cuda") else 1)
     ps = PredictSettings(feature_model=feature_model, working_pixel_size=args.working_pixel_size, device=device,
                          batch_size=batch, precision=precision, prefetch=args.prefetch, readers=args.readers,
                          threshold=args.threshold)

@@ -7,29 +7,28 @@ import numpy as np
 
 from ..atomic import folder_lock
 from ..extract import Picks
-from ..io import file_digest
 from ..files import by_micrograph, read_coordinates, write_topaz
+from ..io import file_digest
 from ..labels import Label
 from ..recipes import get_recipe
 from ..review import Answer, Edited, apply_answers
 from ..session import Session
+from ..validate import positive_int
 from ..workflow import EngineSettings, MicrographSpec, choose_training, featurise, labelling_round, predict
-from .common import add_engine_arguments, apply_threads
+from .common import add_engine_arguments, add_size_arguments, apply_threads, check_inputs
 from .features import expand
 
 
 def add_arguments(p) -> None:
     p.add_argument("micrographs", nargs="+", help="MRC files or folders")
     p.add_argument("--session", required=True, help="session folder (labels, model, proposals); resumes if it exists")
-    size = p.add_mutually_exclusive_group(required=True)
-    size.add_argument("--radius-px", type=float, help="particle radius in micrograph pixels")
-    size.add_argument("--diameter-A", type=float, help="particle diameter in Angstrom")
+    add_size_arguments(p)
     p.add_argument("--positives", action="append", default=[], help="picks to add as positives (txt/STAR)")
     p.add_argument("--negatives", action="append", default=[], help="picks to add as negatives (txt/STAR)")
     p.add_argument("--reviewed", default=None,
                    help="the last round's queries after review (txt/STAR): kept = positive, deleted = negative, added = positive")
-    p.add_argument("--batch", type=int, default=10)
-    p.add_argument("--train-micrographs", type=int, default=2)
+    p.add_argument("--batch", type=positive_int, default=10)
+    p.add_argument("--train-micrographs", type=positive_int, default=2)
     p.add_argument("--recipe", default="default")
     p.add_argument("--seed", type=int, default=0)
     add_engine_arguments(p)
@@ -73,6 +72,7 @@ def review_answers(path: str, session: Session) -> tuple[int, list[Answer]]:
 
 def main(args) -> int:
     apply_threads(args)
+    _check_round_inputs(args)
     with folder_lock(args.session):
         session = Session(args.session)
         rnd = session.round
@@ -125,6 +125,19 @@ def main(args) -> int:
         print(f"round {rnd}: +{added} labels{again} ({res.n_labels} total, {res.n_positive} positive); "
               f"{len(res.proposals)} queries -> {out / 'queries.txt'}; model -> {session.model_path}")
     return 0
+
+
+def _check_round_inputs(args) -> None:
+    """Bad input is refused here, before the session folder is locked (created) or a label is stored."""
+    from ..files import check_inside
+    from ..validate import read_header
+
+    files = expand(args.micrographs)
+    check_inputs(args, files, {"session folder (--session)": args.session,
+                               "feature cache folder (--cache-dir)": args.cache_dir})
+    shapes = {f.stem: h.shape for f in files if (h := read_header(f)) is not None}
+    for f in [*args.positives, *args.negatives, *([args.reviewed] if args.reviewed else [])]:
+        check_inside(read_coordinates(f), shapes, f)
 
 
 def _pixel_size(specs, args) -> float:
