@@ -319,6 +319,7 @@ class Job:
         from .io import MicrographError
 
         missing, bad = [], []
+        self.shapes: dict[str, tuple[int, int]] = {}  # key -> (ny, nx): labels off a micrograph are refused
         for e in self.table.entries:
             if not e.path.exists():
                 missing.append(e)
@@ -328,6 +329,7 @@ class Job:
             except MicrographError as exc:
                 bad.append(str(exc))
                 continue
+            self.shapes[e.key] = h.shape
             if self.s.pixel_size:
                 e.pixel_size, e.pixel_size_source = self.s.pixel_size, "--pixel_size"
                 continue
@@ -496,7 +498,7 @@ class Job:
             self.log(f"{len(lab)} negative labels from {f}")
             new += lab
         outcome = apply_answers(session, answers, lambda key: self.radius_of(self.by_key[key]), "relion:review",
-                                extra=new)
+                                extra=new, shape_of=lambda key: self.shapes.get(key))
         if outcome.applied or outcome.repeated:
             npos = outcome.positives
             self.log(f"review: {len(outcome.applied)} answer(s) applied -> {npos} positive, "

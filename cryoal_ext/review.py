@@ -160,13 +160,33 @@ def _tags_in_store(labels: Iterable[Label]) -> dict[tuple[str, str], set[str]]:
     return out
 
 
+def check_inside(answers: list[Answer], extra: Iterable[Label], shape_of: Callable[[str], tuple[int, int] | None]):
+    """A label off its micrograph is a wrong file or scale, never an answer: refuse it, naming where it came from."""
+    pts = [(a.source, a.micrograph, np.asarray(a.edited.x, float), np.asarray(a.edited.y, float)) for a in answers]
+    pts += [(l.source, l.micrograph, np.array([l.x]), np.array([l.y])) for l in extra]
+    for src, mic, x, y in pts:
+        shape = shape_of(mic)
+        if shape is None or not x.size:
+            continue
+        ny, nx = shape
+        bad = np.flatnonzero(~((x >= 0) & (x <= nx) & (y >= 0) & (y <= ny)))
+        if bad.size:
+            i = int(bad[0])
+            raise ReviewError(f"{src}: a pick at x={x[i]:g}, y={y[i]:g} lies outside micrograph {mic} ({nx} x {ny} px); "
+                              f"{bad.size} such pick(s). Are these coordinates for a binned or another micrograph?")
+
+
 def apply_answers(session, answers: list[Answer], radius_of: Callable[[str], float], source: str,
-                  match_px: Callable[[str], float] | None = None, extra: list[Label] = ()) -> Outcome:
+                  match_px: Callable[[str], float] | None = None, extra: list[Label] = (),
+                  shape_of: Callable[[str], tuple[int, int] | None] | None = None) -> Outcome:
     """Turn answers into labels by the rules above and store them, each answer once.
 
     ``extra``: labels that answer no proposals (particles, label files), stored in the same write.
+    ``shape_of``: micrograph -> (ny, nx), to refuse picks off the micrograph.
     Raises :class:`ReviewError` (and stores nothing) if any answer is refused.
     """
+    if shape_of is not None:
+        check_inside(answers, extra, shape_of)
     ledger: dict = session.state.setdefault("reviews", {})
     stored = _tags_in_store(session.labels.labels)
     match_of = match_px or (lambda m: max(1.0, 0.2 * radius_of(m)))
