@@ -3,7 +3,8 @@
 Used only by the opt-in test: it depends on window timing.  The picker is started exactly as the
 GUI's Display button starts it for a coordinates node (RELION 4.0/5.0 gui_mainwindow.cpp,
 cb_display_io_node_i): ``relion_manualpick --i <node> --scale .. --sigma_contrast .. --black ..
---white .. [--lowpass ..] [--angpix ..] --particle_diameter ..``.  Its list window has a "pick"
+--white .. [--lowpass ..] [--angpix ..] --particle_diameter ..`` with the values of the project's
+``.gui_manualpickjob.star``.  Its list window has a "pick"
 button per micrograph (manualpicker.h: x from 340, 60 wide; rows of 35 px below a 25 px menu);
 that button starts ``relion_display --pick`` in a window titled with the micrograph name, where a
 click at window pixel (x, y) is the micrograph pixel (x/scale, y/scale).
@@ -14,6 +15,9 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import pandas as pd
+import starfile
 
 import relion_kit as K
 
@@ -67,11 +71,41 @@ def wait_changed(path: Path, before: bytes, timeout: float = 15) -> bool:
     return False
 
 
+def save_manualpick_settings(p: K.RelionProject, mics: str, pixel: float, diameter: float) -> None:
+    """The picker settings Display reads, in ``.gui_manualpickjob.star``: RELION writes that file when a
+    Manual picking job is added (here by the pipeliner) or saved with Jobs -> Save job.star."""
+    p.add_job("relion.manualpick", {"fn_in": mics, "micscale": f"{SCALE:g}", "sigma_contrast": 3, "black_val": 0,
+                                    "white_val": 0, "lowpass": 20, "angpix": f"{pixel:g}", "diameter": f"{diameter:g}"})
+    if not (p.root / ".gui_manualpickjob.star").exists():
+        raise AssertionError("RELION wrote no .gui_manualpickjob.star")
+
+
+def display_command(p: K.RelionProject, node: str) -> str:
+    """The command the GUI's Display button runs for a coordinates node, built as gui_mainwindow.cpp
+    builds it from ``.gui_manualpickjob.star`` (same options, order and conditions in 4.0.2 and 5.0.1)."""
+    t = starfile.read(p.root / ".gui_manualpickjob.star", always_dict=True)["joboptions_values"]
+    o = {str(k): ("" if pd.isna(v) else str(v)) for k, v in zip(t["rlnJobOptionVariable"], t["rlnJobOptionValue"])}
+    cmd = (f"`which relion_manualpick` --i {node} --scale {o['micscale']} --sigma_contrast {o['sigma_contrast']} "
+           f"--black {o['black_val']} --white {o['white_val']}")
+    if o.get("do_startend") == "Yes":
+        cmd += " --pick_start_end "
+    for opt, flag in (("lowpass", "--lowpass"), ("highpass", "--highpass"), ("angpix", "--angpix")):
+        if float(o.get(opt) or 0) > 0:
+            cmd += f" {flag} {o[opt]}"
+    cmd += f" --particle_diameter {o['diameter']}"
+    if o.get("do_fom_threshold") == "Yes":
+        cmd += f" --minimum_pick_fom {o['minimum_pick_fom']}"
+    if o.get("do_color") == "Yes":
+        cmd += f" --color_label {o['color_label']} --blue {o['blue_value']} --red {o['red_value']}"
+    return cmd + " " + o.get("other_args", "")
+
+
 def review_in_picker(p: K.RelionProject, job: str, pixel: float, diameter: float) -> PickerResult:
-    """On the first micrograph of ``job``'s queries: delete the first proposal (middle click), add a
-    pick (left click), CTRL+1 and add a red pick, CTRL+S; then quit the picker (CTRL+Q)."""
-    files = p.coordinate_list(job + "queries.star")
-    mic, path = sorted(files.items())[0]
+    """On the micrograph of ``job``'s queries with most proposals: delete the first proposal (middle
+    click), add a pick (left click), CTRL+1 and add a red pick, CTRL+S; then quit the picker (CTRL+Q)."""
+    files = list(p.coordinate_list(job + "queries.star").items())  # the list window's rows, in this order
+    row = max(range(len(files)), key=lambda i: len(K.read_table(files[i][1])))  # most proposals
+    mic, path = files[row]
     before = path.read_bytes()
     table = K.read_table(path)
     radius = diameter / (2 * pixel)
@@ -79,8 +113,8 @@ def review_in_picker(p: K.RelionProject, job: str, pixel: float, diameter: float
     taken = list(zip(xs, ys))
     green = K.free_spot(taken, 512, 2.5 * radius, 1)
     red = K.free_spot(taken + [green], 512, 2.5 * radius, 2)
-    cmd = (f"`which relion_manualpick` --i {job}queries.star --scale {SCALE:g} --sigma_contrast 3 --black 0 "
-           f"--white 0 --lowpass 20 --angpix {pixel:g} --particle_diameter {diameter:g}")
+    save_manualpick_settings(p, p.mics, pixel, diameter)
+    cmd = display_command(p, job + "queries.star")
     log = open(p.root / "manualpick_gui.log", "w")
     # its own session: the picker window relion_manualpick starts (system("relion_display ... &"))
     # stays in that process group, so both end together below
@@ -90,7 +124,7 @@ def review_in_picker(p: K.RelionProject, job: str, pixel: float, diameter: float
     try:
         main = find_window(p, "RELION manual-picking")
         steps.append(f"list window {main}")
-        click(p, main, 370, 25 + 15)  # the "pick" button of the first micrograph
+        click(p, main, 370, 25 + 35 * row + 15)  # that micrograph's "pick" button
         win = find_window(p, mic)
         steps.append(f"picker window {win} ({mic})")
         time.sleep(1.0)
