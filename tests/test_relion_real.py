@@ -28,12 +28,19 @@ import starfile
 sys.path.insert(0, os.path.dirname(__file__))  # the helpers, under any pytest import mode
 import relion_kit as K  # noqa: E402
 
-MICROGRAPHS = ["061_10028", "311_10028"]  # two EMPIAR-10028 micrographs, 512² crops
+from cryoal_ext.features import DEFAULT_FEATURE_MODEL  # noqa: E402
+
+# CI: two EMPIAR-10028 micrographs as 512² crops, one-view features.  CRYOAL_RELION_FULL_DATA=1: all
+# four full 1024² micrographs of ../shared/data/empiar10028 with the default feature model.
+FULL = bool(os.environ.get("CRYOAL_RELION_FULL_DATA"))
+MICROGRAPHS = ["061_10028", "062_10028", "311_10028", "312_10028"] if FULL else ["061_10028", "311_10028"]
+SIZE = 1024 if FULL else 512
 PIXEL = 5.36
 DIAMETER = 300.0  # Angstrom: radius 28 px
 RADIUS = DIAMETER / (2 * PIXEL)
-PARAMS = {"diameter": DIAMETER, "feature_model": "resnet16_u32", "train_micrographs": 2, "batch": 8,
-          "predict": "false"}
+PARAMS = {"diameter": DIAMETER, "feature_model": DEFAULT_FEATURE_MODEL if FULL else "resnet16_u32",
+          "train_micrographs": 2, "batch": 10 if FULL else 8, "predict": "false"}
+ROUND0_LIMIT_S = 1800 if FULL else 600  # how long the pipeliner sleeps while the open GUI is watched
 
 
 def external_options(in_mics: str, in_coords: str | None = None) -> dict:
@@ -70,7 +77,9 @@ def project(request, xvfb, tmp_path_factory, feature_cache):
     p.make()
     data = os.environ.get("CRYOAL_TEST_DATA")
     full = (Path(data) if data else K.REPO.parent / "shared" / "data") / "empiar10028" / "micrographs"
-    K.write_micrographs(p.root / "Micrographs", full if full.is_dir() else None, MICROGRAPHS, 512, PIXEL)
+    if FULL and not full.is_dir():
+        pytest.skip(f"CRYOAL_RELION_FULL_DATA needs the shared data: {full} not found")
+    K.write_micrographs(p.root / "Micrographs", full if full.is_dir() else None, MICROGRAPHS, SIZE, PIXEL)
     imp = p.add_job("relion.import", {"fn_in_raw": "Micrographs/*.mrc", "is_multiframe": "No", "angpix": PIXEL,
                                       "kV": 300, "Cs": 2.7, "Q0": 0.1})
     assert p.run_job(imp) == "Succeeded", p.text(imp, "run.err")
@@ -81,6 +90,13 @@ def project(request, xvfb, tmp_path_factory, feature_cache):
     print(f"\nRELION {major}: project {p.root}, {time.perf_counter() - t0:.1f} s in all")
     for line in p.log:
         print("   ", line)
+
+
+def ran(p: K.RelionProject, job: str) -> list[str]:
+    """The last command RELION ran for ``job``, as it recorded it in the job's note.txt."""
+    lines = [line for line in p.text(job, "note.txt").splitlines() if line.startswith(str(K.SCRIPT))]
+    assert lines, f"no command in {job}note.txt"
+    return lines[-1].split()
 
 
 def check_our_nodes(p: K.RelionProject, job: str, files: set[str]) -> None:
@@ -98,7 +114,7 @@ def edit_queries(p: K.RelionProject, queries_star: str, which: list[int] | None 
     edits = []
     for i, (mic, f) in enumerate(sorted(files.items())):
         if which is None or i in which:
-            edits.append(K.picker_edit(p, mic, f, radius=RADIUS, seed=seed + 10 * i))
+            edits.append(K.picker_edit(p, mic, f, size=SIZE, radius=RADIUS, seed=seed + 10 * i))
     return files, edits
 
 
@@ -142,12 +158,12 @@ def extract(p: K.RelionProject, coords: str, threshold: str | None = None) -> st
 def run_round0_with_gui_open(p: K.RelionProject, job: str) -> float:
     """Round 0 started by the pipeliner, with RELION's GUI open on the project.
 
-    The pipeliner checks for the job's end only after 600 s here, so if the pipeline says
+    The pipeliner checks for the job's end only after ROUND0_LIMIT_S here, so if the pipeline says
     Succeeded before that, the open GUI did it: its timer looks for finished jobs only while
     .pipeline_has_changed exists, which our job creates after its exit marker.  Returns the
     seconds from the exit marker to the GUI's update.
     """
-    pipeliner = p.start_job(job, sec_wait=600)
+    pipeliner = p.start_job(job, sec_wait=ROUND0_LIMIT_S)
     gui = None
     try:
         deadline = time.time() + 60
@@ -157,7 +173,7 @@ def run_round0_with_gui_open(p: K.RelionProject, job: str) -> float:
         gui = subprocess.Popen(["relion", "--refresh", "1", "--idle", "900"], cwd=p.root, env=p.env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         marker = p.root / job / "RELION_JOB_EXIT_SUCCESS"
-        deadline = time.time() + 500
+        deadline = time.time() + ROUND0_LIMIT_S - 60
         while not marker.exists() and time.time() < deadline and pipeliner.poll() is None:
             if (p.root / job / "RELION_JOB_EXIT_FAILURE").exists():
                 raise AssertionError(p.text(job, "run.err"))
@@ -188,9 +204,13 @@ def test_round_trip(project):
     check_our_nodes(p, job, {"queries.star", "autopick.star", "logfile.pdf"})
     assert "model.npz" not in " ".join(p.nodes())  # no node: Display would run relion_display on it
     out = p.text(job, "run.out")
-    assert f"RELION {p.major} conventions" in out and "--pipeline_control" not in p.text(job, "run.err")
+    assert f"RELION {p.major} conventions" in out
+    # the command RELION ran (note.txt): inputs, then --<label> <value> per parameter, --j, and
+    # --pipeline_control because the executable's path contains "relion_"
+    params = " ".join(f"--{k} {v}" for k, v in PARAMS.items())
+    assert ran(p, job) == f"{K.SCRIPT} --o {job} --in_mics {p.mics} {params} --j 1 --pipeline_control {job}".split()
     queries = p.coordinate_list(job + "queries.star")
-    assert set(queries) == {f"Micrographs/{m}.mrc" for m in MICROGRAPHS}
+    assert len(queries) == 2 and set(queries) <= {f"Micrographs/{m}.mrc" for m in MICROGRAPHS}
     for f in queries.values():
         assert f.parent == p.root / job / "Micrographs" and f.read_text().lstrip().startswith(
             f"# version {K.VERSION_TAG[p.major]}")
@@ -207,6 +227,7 @@ def test_round_trip(project):
     # the final round: predict true, as changed in the job's fields before Continue! -------------
     p.edit_job(job, PREDICT_PARAM, "true")
     assert p.run_job(job) == "Succeeded", p.text(job, "run.err")
+    assert "--predict Yes" in " ".join(ran(p, job))  # the pipeliner's --editJob turns "true" into "Yes"
     check_our_nodes(p, job, {"queries.star", "autopick.star", "candidates.star", "logfile.pdf"})
     thr = json.loads(p.text(job, "threshold.json"))
     text = thr["suggested_threshold_text"]
@@ -246,6 +267,7 @@ def test_continued_session(project):
     assert len(files) == 2 and len(edits1) == 1
     job = p.add_job("relion.external", external_options(p.mics, in_coords=first + "queries.star"))
     assert p.run_job(job) == "Succeeded", p.text(job, "run.err")
+    assert ran(p, job)[:7] == [str(K.SCRIPT), "--o", job, "--in_mics", p.mics, "--in_coords", first + "queries.star"]
     assert f"continuing the session of {first.rstrip('/')}" in p.text(job, "run.out")
     problem = K.same_labels(K.labels_of(p.root / job), base + expected_labels(edits1))
     assert problem is None, f"first run: {problem}"
