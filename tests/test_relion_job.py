@@ -409,10 +409,11 @@ def test_second_run_locked_out_and_abort(tmp_path):
     # project it also tells an open GUI to look for finished jobs
     (tmp_path / "default_pipeline.star").write_text("\n# version 50001\n\ndata_pipeline_general\n\n"
                                                     "_rlnPipeLineJobCounter 6\n")
-    assert run(tmp_path, f"--in_mics {proj['star']} --diameter 300 --predict true", fresh) == \
-        {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err")
+    assert run(tmp_path, f"--in_mics {proj['star']}", fresh) == {"RELION_JOB_EXIT_FAILURE"}  # no --diameter: quick
     err = text(tmp_path, "run.err")
     assert "new run started" in err.split("aborted by the user")[-1], err
+    assert err.rstrip().endswith("no particle size: add the parameter --diameter (in Angstrom), or --radius_px "
+                                 "(in micrograph pixels)"), err
     assert (tmp_path / ".pipeline_has_changed").exists()
 
 
