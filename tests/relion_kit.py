@@ -188,6 +188,13 @@ class RelionProject:
             return {}
         return dict(zip(t["rlnPipeLineProcessName"].astype(str), t["rlnPipeLineProcessStatusLabel"].astype(str)))
 
+    def status(self, job: str) -> str | None:
+        """The job's status while RELION may be rewriting default_pipeline.star (None if unreadable now)."""
+        try:
+            return self.processes().get(job)
+        except Exception:  # noqa: BLE001 - a half-written file: ask again on the next poll
+            return None
+
     def nodes(self) -> dict[str, str]:
         t = self.pipeline().get("pipeline_nodes")
         if not isinstance(t, pd.DataFrame):

@@ -167,9 +167,9 @@ def run_round0_with_gui_open(p: K.RelionProject, job: str) -> float:
     gui = None
     try:
         deadline = time.time() + 60
-        while p.processes().get(job) != "Running" and time.time() < deadline:
+        while p.status(job) != "Running" and time.time() < deadline:
             time.sleep(0.2)
-        assert p.processes().get(job) == "Running"
+        assert p.status(job) == "Running"
         gui = subprocess.Popen(["relion", "--refresh", "1", "--idle", "900"], cwd=p.root, env=p.env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         marker = p.root / job / "RELION_JOB_EXIT_SUCCESS"
@@ -180,17 +180,17 @@ def run_round0_with_gui_open(p: K.RelionProject, job: str) -> float:
             time.sleep(0.2)
         assert marker.exists(), p.text(job, "run.err")
         t_marker = time.time()
-        while p.processes().get(job) != "Succeeded" and time.time() < t_marker + 30:
+        while p.status(job) != "Succeeded" and time.time() < t_marker + 30:
             time.sleep(0.2)
-        assert p.processes().get(job) == "Succeeded", "the open GUI did not notice the finished job"
+        assert p.status(job) == "Succeeded", "the open GUI did not notice the finished job"
         assert pipeliner.poll() is None  # still asleep: it was the GUI that noticed
-        return time.time() - t_marker
+        noticed = time.time() - t_marker
     finally:
         if gui is not None:
             K.stop(gui)
         K.stop(pipeliner)  # asleep between checks, outside the pipeline lock
-        leftover = p.root / ".relion_lock"
-        assert not leftover.exists(), "a RELION program left its pipeline lock behind"
+    assert not (p.root / ".relion_lock").exists(), "a RELION program left its pipeline lock behind"
+    return noticed
 
 
 # --- the round trip ----------------------------------------------------------------------------
