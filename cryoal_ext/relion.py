@@ -30,15 +30,19 @@ VERSION_TAG = {4: 30001, 5: 50001}  # the "# version" line RELION 3.1/4.0 and 5.
 #: Node type labels per RELION major version.  RELION does not convert labels read from an
 #: External job's RELION_OUTPUT_NODES.star, and the GUI lists a node only under its own top-level
 #: name, so a RELION-4 label is invisible in RELION 5 and vice versa.
+#:
+#: The model (model.npz) is deliberately not a node: the GUI's Display button runs
+#: ``relion_display --gui --i <file>`` for every node type it has no viewer for (it knows only
+#: coordinates, PDF logs, tomography sets and polishing parameters), and relion_display cannot
+#: read a model ("Invalid Spider file").  No RELION job takes such a node as input, so declaring
+#: it bought nothing but a broken Display entry.
 NODE_LABELS = {
     4: {"coords": "MicrographsCoords.star.relion.autopick",
         "mics": "MicrographsData.star.relion",
-        "logfile": "LogFile.pdf.relion",
-        "model": "ProcessData.npz.cryoal.model"},
+        "logfile": "LogFile.pdf.relion"},
     5: {"coords": "MicrographCoordsGroup.star.relion.autopick",
         "mics": "MicrographGroupMetadata.star.relion",
-        "logfile": "LogFile.pdf.relion",
-        "model": "ParamsData.npz.cryoal.model"},
+        "logfile": "LogFile.pdf.relion"},
 }
 
 # --- exit markers (RELION ignores the exit code and polls for these files) --------------------
@@ -47,6 +51,9 @@ FAILURE = "RELION_JOB_EXIT_FAILURE"
 ABORTED = "RELION_JOB_EXIT_ABORTED"
 ABORT_NOW = "RELION_JOB_ABORT_NOW"
 OUTPUT_NODES = "RELION_OUTPUT_NODES.star"
+#: Created by every pipeline write; the GUI's refresh timer looks for finished jobs only while it
+#: exists (RELION 4.0 and 5.0 gui_mainwindow.cpp, Gui_Timer_CB), and removes it afterwards.
+PIPELINE_HAS_CHANGED = ".pipeline_has_changed"
 
 # rlnParticleSelectionType as the picker colours it: 1 red (CTRL+1), 2 green (default), 3-6 others.
 NEGATIVE_SELECTION_TYPE = 1
@@ -552,6 +559,63 @@ def read_picks_table(path: str | os.PathLike, project_dir: str | os.PathLike = "
     return pd.DataFrame({"micrograph": names.to_numpy(), "x": x, "y": y, "label": label})
 
 
+# --- figure of merit and Extract's threshold ---------------------------------------------------
+FOM_DECIMALS = 6  # rlnAutopickFigureOfMerit as written (files.picks_frame rounds, starfile writes %.6f)
+
+
+def written_fom(scores) -> np.ndarray:
+    """The FOM values RELION reads back from our coordinate files (probabilities to 6 decimals)."""
+    return np.round(np.asarray(scores, float), FOM_DECIMALS)
+
+
+def extract_keeps(fom, threshold: float) -> np.ndarray:
+    """Which FOMs RELION's Extract keeps with 'Minimum autopick FOM' = ``threshold``.
+
+    relion_preprocess keeps ``fom > threshold`` (strictly), with the FOM read as a double and the
+    threshold parsed as a single-precision float (textToFloat); the same in 4.0.2 and 5.0.1.
+    """
+    return np.asarray(fom, float) > float(np.float32(threshold))
+
+
+@dataclass(frozen=True)
+class FomThreshold:
+    """A threshold that Extract and our autopick.star agree on: ``text`` is what the user types."""
+
+    value: float
+    text: str
+
+
+def extract_threshold(scores, lowest_kept: float) -> FomThreshold:
+    """The shortest decimal (3 to 7 places) with which Extract keeps exactly the written FOMs >= ``lowest_kept``.
+
+    Rounding the optimum up (0.460 for 0.459873) would make Extract drop the lowest pick; the
+    value returned lies below the lowest kept FOM and at or above the next one down, so
+    ``extract_keeps(written_fom(scores), value)`` is exactly that set.
+    """
+    from decimal import ROUND_CEILING, Decimal
+
+    w = written_fom(scores)
+    lo = float(written_fom(lowest_kept))
+    below = w[w < lo]
+    floor = float(below.max()) if below.size else -np.inf
+    lo_dec = Decimal(f"{lo:.{FOM_DECIMALS}f}")
+    for places in range(3, FOM_DECIMALS + 2):
+        q = Decimal(1).scaleb(-places)
+        t = ((lo_dec / q).to_integral_value(ROUND_CEILING) - 1) * q
+        v = float(t)
+        if floor <= float(np.float32(v)) < lo:
+            return FomThreshold(v, f"{t:.{places}f}")
+    raise RelionError(f"no threshold separates FOM {lo} from {floor}")  # cannot happen for 6-decimal FOMs
+
+
+def keep_for_extract(picks, threshold: float):
+    """The picks (``extract.Picks``) Extract keeps at ``threshold``: what autopick.star must hold."""
+    from .extract import Picks
+
+    keep = extract_keeps(written_fom(picks.score), threshold)
+    return Picks(picks.name, picks.x[keep], picks.y[keep], picks.score[keep])
+
+
 # --- writing ---------------------------------------------------------------------------------
 def coordinates_frame(picks, selection_type: int = POSITIVE_SELECTION_TYPE) -> pd.DataFrame:
     """RELION autopick columns for one micrograph plus rlnParticleSelectionType.
@@ -642,3 +706,23 @@ def finish_aborted(outdir: str, project_dir: str | os.PathLike = ".") -> None:
     """RELION's abort protocol: write RELION_JOB_EXIT_ABORTED, then delete RELION_JOB_ABORT_NOW."""
     write_marker(outdir, ABORTED, project_dir)
     marker(outdir, ABORT_NOW, project_dir).unlink(missing_ok=True)
+
+
+def signal_pipeline_changed(project_dir: str | os.PathLike = ".") -> bool:
+    """Create ``.pipeline_has_changed`` in a RELION project so an open GUI notices the exit marker.
+
+    The GUI's timer only checks running jobs for exit markers while this file exists; RELION's
+    own programs do not create it at exit (pipeline_control.cpp), so their jobs too stay under
+    "Running" until something else refreshes the GUI.  The file is RELION's generic "re-read the
+    pipeline" signal (every pipeline write creates it, the next completion check removes it), so
+    creating it makes RELION do nothing but that check.  Outside a project (no
+    default_pipeline.star) nothing is written.  Returns whether the file was created.
+    """
+    folder = Path(project_dir)
+    if not (folder / "default_pipeline.star").exists():
+        return False
+    try:
+        (folder / PIPELINE_HAS_CHANGED).touch()
+    except OSError:
+        return False  # e.g. a read-only project folder: the GUI then updates on the next click, as for RELION's jobs
+    return True

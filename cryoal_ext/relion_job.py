@@ -541,10 +541,13 @@ class Job:
         return R.write_coordinates(self.out, names, picks_of, pickname, list_name, self.version)
 
     def nodes(self) -> list[tuple[str, str]]:
-        """Every output this job has on disk, as (node name, kind) for RELION_OUTPUT_NODES.star."""
+        """Every output this job has on disk, as (node name, kind) for RELION_OUTPUT_NODES.star.
+
+        model.npz is not declared: Display would run relion_display on it (see relion.NODE_LABELS).
+        """
         out = []
         for name, kind in (("queries.star", "coords"), ("autopick.star", "coords"), ("candidates.star", "coords"),
-                           ("logfile.pdf", "logfile"), ("model.npz", "model")):
+                           ("logfile.pdf", "logfile")):
             if (self.folder / name).exists():
                 out.append((self.out + name, kind))
         return out
@@ -567,7 +570,7 @@ class Job:
                          labels=[(l.x, l.y, l.label) for l in labels if l.micrograph == key],
                          radius=fr.radius_to_working(self.radius_of(self.by_key[key])),
                          title=f"{self.by_key[key].name}: {len(pk) if pk is not None else 0} picks "
-                               f"(p >= {threshold:.2f}, blue), {len(q)} queries (yellow), labels +/x",
+                               f"(FOM > {threshold:g}, blue), {len(q)} queries (yellow), labels +/x",
                          scale=(fr.scale_x, fr.scale_y))
             pngs.append(path)
         hist = round_dir / "scores.png"
@@ -651,8 +654,9 @@ class Job:
         all_picks = {it.mic.name: pk for it, pk in
                      predict(items, res.model, lambda it: self.radius_of(self.by_key[it.mic.name]))}
         scores = np.concatenate([p.score for p in all_picks.values()]) if all_picks else np.empty(0)
-        thr = suggest_threshold(scores)
-        picks = {k: p.above(thr) for k, p in all_picks.items()}
+        fom_thr = R.extract_threshold(scores, suggest_threshold(scores))
+        thr = fom_thr.value
+        picks = {k: R.keep_for_extract(p, thr) for k, p in all_picks.items()}
         queries = {}
         for k in train:
             q = [p for p in res.proposals if p.micrograph == k]
@@ -674,7 +678,7 @@ class Job:
         pos, neg = session.labels.counts()
         summary = {"mode": "round", "round": rnd, "relion_version": self.major, "train": train,
                    "labels": {"positive": pos, "negative": neg}, "queries": len(res.proposals),
-                   "queries_file": qlist, "picks_file": plist, "suggested_threshold": round(thr, 4),
+                   "queries_file": qlist, "picks_file": plist, "suggested_threshold": thr,
                    "picks_on_training_micrographs": n_picks, "model": str(session.model_path) if res.model else None}
         t = time.perf_counter()
         try:
@@ -683,11 +687,11 @@ class Job:
             self.log.warn(f"plots not written ({exc})")
         self._timed("plots", t)
         session.record(round=rnd, mode="relion-round", labels=res.n_labels, positives=res.n_positive, train=train,
-                       queries=len(res.proposals), threshold=round(thr, 4), fit_s=round(res.fit_s, 2),
+                       queries=len(res.proposals), threshold=thr, fit_s=round(res.fit_s, 2),
                        propose_s=round(res.propose_s, 2), time=time.time())
         session.save_state(round=rnd + 1)
-        self.log(f"round {rnd} done: {len(res.proposals)} queries -> {qlist}; {n_picks} picks at suggested "
-                 f"threshold {thr:.3f} -> {plist}")
+        self.log(f"round {rnd} done: {len(res.proposals)} queries -> {qlist}; {n_picks} picks with FOM > "
+                 f"{fom_thr.text} (suggested threshold) -> {plist}")
         self.log("next: Display 'queries.star', delete non-particles, add missed ones (CTRL+1 + click: a red "
                  "negative), save with CTRL+S, then run this job again; --predict true for the final picks")
         return summary
@@ -743,37 +747,47 @@ class Job:
             self.log(f"predicted {done} micrograph(s) in {time.perf_counter() - t_pred:.1f} s")
         self.check()
         scores = np.concatenate([p.score for p in all_picks.values()]) if all_picks else np.empty(0)
-        suggested = suggest_threshold(scores)
-        thr = s.threshold if s.threshold is not None else suggested
+        optimum = suggest_threshold(scores)
+        suggested = R.extract_threshold(scores, optimum)  # what Extract on candidates.star needs
+        thr = s.threshold if s.threshold is not None else suggested.value
+        thr_text = f"{s.threshold:g}" if s.threshold is not None else suggested.text
         t = time.perf_counter()
         names = [e.name for e in self.table.entries]
         by_name = {self.by_key[k].name: p for k, p in all_picks.items()}
-        plist, _ = self.write_coords(names, {n: p.above(thr) for n, p in by_name.items()}, "autopick", "autopick.star")
-        clist, _ = self.write_coords(names, {n: p.above(s.min_fom) for n, p in by_name.items()}, "candidates",
+        # autopick.star: exactly what Extract keeps from candidates.star at thr (FOM > thr)
+        plist, _ = self.write_coords(names, {n: R.keep_for_extract(p, thr) for n, p in by_name.items()}, "autopick",
+                                     "autopick.star")
+        floor = min(s.min_fom, thr)  # candidates always hold every pick of autopick.star
+        clist, _ = self.write_coords(names, {n: p.above(floor) for n, p in by_name.items()}, "candidates",
                                      "candidates.star")
         self._timed("write", t)
-        n_picks = int((scores >= thr).sum())
+        n_picks = int(R.extract_keeps(R.written_fom(scores), thr).sum())
         pos, neg = session.labels.counts()
         summary = {"mode": "predict", "round": rnd, "relion_version": self.major, "micrographs": len(names),
-                   "labels": {"positive": pos, "negative": neg}, "threshold": round(float(thr), 4),
-                   "suggested_threshold": round(float(suggested), 4), "picks": n_picks,
-                   "candidates": int((scores >= s.min_fom).sum()), "picks_file": plist, "candidates_file": clist,
+                   "labels": {"positive": pos, "negative": neg}, "threshold": float(thr),
+                   "suggested_threshold": suggested.value, "picks": n_picks,
+                   "candidates": int((scores >= floor).sum()), "picks_file": plist, "candidates_file": clist,
                    "model": str(self.folder / "model.npz")}
         write_json(self.folder / "threshold.json",
-                   {"suggested_threshold": float(suggested), "threshold_used": float(thr),
-                    "note": "autopick.star keeps picks with FOM >= threshold_used"})
+                   {"suggested_threshold": suggested.value, "suggested_threshold_text": suggested.text,
+                    "threshold_used": float(thr), "max_expected_f1_probability": float(optimum),
+                    "rule": "autopick.star holds the picks with FOM > threshold_used, as RELION's Extract keeps "
+                            "them; Extract on candidates.star with 'Minimum autopick FOM' = suggested_threshold_text "
+                            "keeps exactly the picks autopick.star has at the suggested threshold"})
         t = time.perf_counter()
         try:
-            by_key = {k: p.above(thr) for k, p in all_picks.items()}
+            by_key = {k: R.keep_for_extract(p, thr) for k, p in all_picks.items()}
             self.plots(self.folder / "rounds" / f"final_{rnd:03d}", items, by_key, [], thr, scores, summary)
         except Exception as exc:
             self.log.warn(f"plots not written ({exc})")
         self._timed("plots", t)
-        session.record(round=rnd, mode="relion-predict", micrographs=len(names), threshold=round(float(thr), 4),
-                       suggested=round(float(suggested), 4), picks=n_picks, time=time.time())
-        self.log(f"final picks: {n_picks} on {len(names)} micrographs with probability >= {thr:.3f} -> {plist}; "
-                 f"all {summary['candidates']} candidates with FOM >= {s.min_fom:g} -> {clist} "
-                 f"(suggested FOM threshold for Extract: {suggested:.3f})")
+        session.record(round=rnd, mode="relion-predict", micrographs=len(names), threshold=float(thr),
+                       suggested=suggested.value, picks=n_picks, time=time.time())
+        self.log(f"final picks: {n_picks} on {len(names)} micrographs with FOM > {thr_text} -> {plist}; "
+                 f"all {summary['candidates']} candidates with FOM >= {floor:g} -> {clist}")
+        self.log(f"suggested FOM threshold for Extract: {suggested.text} (Particle extraction on {clist} with "
+                 f"'Minimum autopick FOM' {suggested.text} keeps exactly the picks autopick.star has at it; "
+                 "RELION keeps FOM > threshold)")
         return summary
 
 
@@ -836,6 +850,7 @@ def main(args) -> int:
         _fail_marker(s.outdir)
         return 1
     try:
+        _mark_new_run(s.outdir)
         R.clear_exit_markers(s.outdir)
         log(f"cryoal_ext RELION External job in {s.outdir} (pid {os.getpid()}, cwd {os.getcwd()})")
         with warnings.catch_warnings():
@@ -843,10 +858,12 @@ def main(args) -> int:
             warnings.showwarning = lambda m, *a, **k: log.warn(str(m))
             Job(s, log).run()
         R.write_marker(s.outdir, R.SUCCESS)  # last: RELION reads the nodes as soon as it sees this
+        R.signal_pipeline_changed()  # an open RELION GUI shows the job finished without a click
         log(f"done in {time.perf_counter() - log.t0:.1f} s")
         return 0
     except R.JobAborted:
         R.finish_aborted(s.outdir)
+        R.signal_pipeline_changed()
         log("aborted on request (RELION_JOB_ABORT_NOW); labels given so far are kept")
         print(f"{JOB_PREFIX}: aborted by the user", file=sys.stderr, flush=True)
         return 1
@@ -887,6 +904,21 @@ def _fail_marker(outdir: str) -> None:
         R.write_marker(outdir, R.FAILURE)
     except OSError as exc:
         print(f"{JOB_PREFIX}: could not write {R.FAILURE} in {outdir}: {exc}", file=sys.stderr, flush=True)
+        return
+    R.signal_pipeline_changed()
+
+
+def _mark_new_run(outdir: str) -> None:
+    """RELION appends to run.err: say where this run's messages begin, so an earlier run's last
+    words ("aborted by the user", an error) are not read as this run's."""
+    err = Path(outdir) / "run.err"
+    try:
+        earlier = err.stat().st_size > 0
+    except OSError:
+        earlier = False
+    if earlier:
+        print(f"{JOB_PREFIX}: new run started {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()}); "
+              "the lines above are from earlier runs", file=sys.stderr, flush=True)
 
 
 def build_parser(prog: str = "cryoal_relion.py") -> argparse.ArgumentParser:

@@ -253,6 +253,34 @@ def test_markers(tmp_path):
         R.check_abort(out, tmp_path)
     R.finish_aborted(out, tmp_path)
     assert (tmp_path / out / R.ABORTED).exists() and not (tmp_path / out / R.ABORT_NOW).exists()
+    assert not R.signal_pipeline_changed(tmp_path)  # not a RELION project: nothing written
+    assert not (tmp_path / R.PIPELINE_HAS_CHANGED).exists()
+    (tmp_path / "default_pipeline.star").write_text("\n# version 50001\n")
+    assert R.signal_pipeline_changed(tmp_path) and (tmp_path / R.PIPELINE_HAS_CHANGED).exists()
+
+
+# --- the threshold RELION's Extract applies ------------------------------------------------------
+def test_extract_threshold_reproduces_the_kept_set():
+    """Extract keeps FOM > threshold, the threshold read as a float32: the suggested value must be
+    below the lowest kept FOM as written (0.459873 -> 0.459, not 0.460), and above the next one."""
+    from cryoal_ext.workflow import suggest_threshold
+
+    t = R.extract_threshold([0.459873, 0.2, 0.9], 0.459873)
+    assert (t.text, t.value) == ("0.459", 0.459)
+    assert R.extract_threshold([0.459, 0.4589, 0.9], 0.459).text == "0.4589"  # 0.459 itself would drop it
+    assert R.extract_threshold([0.4590004, 0.4589996], 0.4590004).text == "0.458"  # both written as 0.459000
+    assert list(R.extract_keeps([0.459, 0.4590001], np.float32(0.459))) == [True, True]  # float32(0.459) < 0.459
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        scores = rng.random(int(rng.integers(1, 200)))
+        if trial % 3 == 0:
+            scores = np.round(scores, int(rng.integers(2, 6)))  # ties at the written precision
+        lowest = suggest_threshold(scores)
+        t = R.extract_threshold(scores, lowest)
+        w = R.written_fom(scores)
+        assert (R.extract_keeps(w, float(t.text)) == (w >= R.written_fom(lowest))).all(), (t, lowest)
+        kept = R.keep_for_extract(Picks("m", np.arange(w.size), np.arange(w.size), scores), t.value)
+        assert len(kept) == int((w >= R.written_fom(lowest)).sum())
 
 
 # --- the command line RELION builds --------------------------------------------------------------
