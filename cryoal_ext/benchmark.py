@@ -283,7 +283,7 @@ def run_benchmark(s: BenchmarkSettings, json_out: str, picks_out: str | None = N
                 "working_pixel_size": s.working_pixel_size, "splits": s.splits, "seeds": list(s.seeds),
                 "calibrate": s.calibrate}
     if len(runs) == 1:
-        result = {k: v for k, v in runs[0].items() if k not in ("timing", "feature_model")}  # the format
+        result = {k: v for k, v in runs[0].items() if k not in ("timing", "feature_model", "split")}  # the format
         result["timing"] = timing
         result["settings"] = {**settings, "feature_model": runs[0]["feature_model"]}
     else:

@@ -80,15 +80,24 @@ def platt(z: np.ndarray, y: np.ndarray, s: CalibrationSettings = CalibrationSett
     if n < s.min_answers or npos == 0 or npos == n:
         return Calibration(n=n, n_positive=npos)
     lam = 1.0 / s.prior_sd ** 2
-    theta = np.array([1.0, 0.0])
     A = np.c_[z, np.ones(n)]
-    for _ in range(100):
-        p = 1.0 / (1.0 + np.exp(-(A @ theta)))
-        g = A.T @ (p - y) + lam * (theta - [1.0, 0.0])
+    centre = np.array([1.0, 0.0])
+
+    def objective(th):
+        u = A @ th
+        return float(np.sum(np.logaddexp(0.0, u) - y * u) + 0.5 * lam * np.sum((th - centre) ** 2))
+
+    theta, f = centre.copy(), objective(centre)
+    for _ in range(100):  # damped Newton: the objective is convex, the backtracking keeps each step downhill
+        p = 0.5 * (1.0 + np.tanh(0.5 * (A @ theta)))
+        g = A.T @ (p - y) + lam * (theta - centre)
         H = (A * (p * (1.0 - p))[:, None]).T @ A + lam * np.eye(2)
-        step = np.linalg.solve(H, g)
-        theta = theta - step
-        if np.abs(step).max() < 1e-10:
+        step, t = np.linalg.solve(H, g), 1.0
+        while t > 1e-6 and objective(theta - t * step) > f:
+            t *= 0.5
+        theta = theta - t * step
+        f = objective(theta)
+        if np.abs(t * step).max() < 1e-9:
             break
     return Calibration(a=float(max(theta[0], s.min_slope)), b=float(theta[1]), n=n, n_positive=npos)
 
