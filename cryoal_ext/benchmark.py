@@ -70,12 +70,14 @@ def ceiling_labels(items: list[Item], truth: dict, radius_px: float, rng, negati
     return labels
 
 
-def f1_best(ev) -> float:
-    """The best F1 over every threshold of the pooled ranking."""
+def f1_best(ev) -> tuple[float, float]:
+    """The best F1 over every threshold of the pooled ranking, and that threshold."""
     if ev.n_true == 0 or ev.tp.size == 0:
-        return 0.0
+        return 0.0, 1.0
     ctp = np.cumsum(ev.tp)
-    return float(np.max(2.0 * ctp / (np.arange(1, ev.tp.size + 1) + ev.n_true)))
+    f1 = 2.0 * ctp / (np.arange(1, ev.tp.size + 1) + ev.n_true)
+    k = int(np.argmax(f1))
+    return float(f1[k]), float(ev.scores[k])
 
 
 def threshold_stats(ev, bins: int = 10) -> dict:
@@ -93,8 +95,10 @@ def threshold_stats(ev, bins: int = 10) -> dict:
     rel = {"n": np.bincount(which, minlength=bins).tolist(),
            "sum_p": np.round(np.bincount(which, ev.scores, minlength=bins), 3).tolist(),
            "sum_tp": np.bincount(which, ev.tp.astype(float), minlength=bins).astype(int).tolist()}
+    best, t_best = f1_best(ev)
     return {"threshold": round(t, 4), "tp": c["tp"], "fp": c["fp"], "precision": round(c["precision"], 4),
-            "recall": round(c["recall"], 4), "f1": round(f1, 4), "f1_best": round(f1_best(ev), 4),
+            "recall": round(c["recall"], 4), "f1": round(f1, 4), "f1_best": round(best, 4),
+            "threshold_best": round(t_best, 4),
             "expected": round(float(ev.scores.sum()), 1), "n_true": ev.n_true, "reliability": rel}
 
 

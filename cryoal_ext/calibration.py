@@ -6,10 +6,13 @@ sum of the picks' probabilities overstates the particle count and the expected-F
 too low.  The answers are the only unbiased evidence there is; each is scored by a model fitted
 without its round (cross-validation over rounds), and a two-parameter map ``a * logit + b`` is
 fitted to those held-out scores with a weak prior towards the identity (few answers: little
-change).  The proposals are not a random sample (they are chosen uncertain), but the map is a
-function of the logit alone, and answers chosen by their logit still tell ``P(particle | logit)``
-without bias where they lie; the logistic form carries it to the confident ends, and round 0's
-confident positives and negatives anchor those.
+change).
+
+What it cannot see (issue 16, measured): the proposals are chosen uncertain, so the answers say
+much about ``P(particle | logit)`` near the decision boundary and little about the confident
+end, where most picks lie; there the map only extrapolates, and the false positives among
+confident picks (off-centre and junk picks) stay uncounted.  It narrows the count error and the
+threshold's F1 loss; it does not close them.
 
 The map is affine in the logit with ``a > 0``, so the ranking, the picks and the AP are the
 same as the raw model's; only the probabilities (and so the suggested threshold and the

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 BENCHMARK_KEYS = {"recipe", "seed", "oracle", "baseline", "active", "train", "eval", "timing", "settings"}
 SCORE_KEYS = {"ap", "ap90", "recall", "threshold"}
 ACTIVE_KEYS = {"labels", "positives", "ap", "ap90", "recall", "threshold"}
-THRESHOLD_KEYS = {"threshold", "tp", "fp", "precision", "recall", "f1", "f1_best", "expected", "n_true", "reliability"}
+THRESHOLD_KEYS = {"threshold", "tp", "fp", "precision", "recall", "f1", "f1_best", "threshold_best",
+                  "expected", "n_true", "reliability"}
 TIMING_KEYS = {"features_s", "round_median_s", "total_s", "feature_cache_hits"}
 
 
