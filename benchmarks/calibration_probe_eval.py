@@ -78,6 +78,8 @@ if __name__=='__main__':
             for b,d in run['budgets'].items():
                 sc=np.array(d['scores']); tp=np.array(d['tp'],bool); nt=d['n_true']; z=lg(sc)
                 y=np.array(d['y']); pp=np.array(d['pp']); kind=np.array(d['kind']); au=kind=='audit'
+                if not au.any():
+                    continue
                 out=[f"{run['train'][0][:3]},{run['train'][1][:3]} @{b}"]
                 for nm,(a,b0) in (('raw',(1.0,0.0)),('held',(lambda c:(c.a,c.b))(platt(np.array(d['z']),y)))):
                     za=a*lg(pp[au])+b0; target=(y[au].sum()+0.5)/(au.sum()+1)
