@@ -16,14 +16,16 @@ def test_platt_recovers_a_known_map_and_keeps_the_identity_without_evidence():
     z = rng.normal(0, 3, 20000)
     y = rng.random(z.size) < 1 / (1 + np.exp(-(0.5 * z - 1.0)))
     cal = platt(z, y)
+    few = CalibrationSettings(min_answers=6)
     assert abs(cal.a - 0.5) < 0.05 and abs(cal.b + 1.0) < 0.1
     assert cal.n == z.size and cal.n_positive == int(y.sum())
     # too few answers, or one class only: the identity, never a guess
     assert (platt(z[:3], y[:3]).a, platt(z[:3], y[:3]).b) == (1.0, 0.0)
-    ones = platt(z[:50], np.ones(50))
+    ones = platt(z[:50], np.ones(50), few)
     assert (ones.a, ones.b) == (1.0, 0.0)
     # a map that would flip the ranking is floored at a small positive slope
     flip = platt(z[:2000], z[:2000] < 0, CalibrationSettings(prior_sd=100.0))
+    assert platt(z[:59], y[:59]) == Calibration(n=59, n_positive=int(y[:59].sum()))  # the default's 60-answer gate
     assert flip.a == CalibrationSettings().min_slope
 
 
@@ -96,7 +98,9 @@ def test_calibrate_scores_each_answer_with_a_model_that_did_not_see_it(example_d
         labels += oracle.answer(props, rnd)
         learner.fit(labels)
     before = learner.model.coef_.copy()
-    cal = calibrate(learner, labels)
+    gated = calibrate(learner, labels)  # 24 answers: under the default's 60, the probabilities stay raw
+    assert (gated.a, gated.b, gated.n, gated.folds) == (1.0, 0.0, len(labels), 0)
+    cal = calibrate(learner, labels, CalibrationSettings(min_answers=6))
     assert cal.n == len(labels) and cal.folds == 3 and cal.a > 0  # one fold per round
     assert np.array_equal(learner.model.coef_, before)  # the refits leave the learner's model alone
     attach(learner.model, cal)
