@@ -47,6 +47,9 @@ class CalibrationSettings:
     # every split of both, in count and in F1 at the threshold
     min_answers: int = 60
     min_slope: float = 0.05  # a stays positive, so the ranking never flips
+    # the refits start from the full fit and only score the held-out answers: max|grad| < 1e-5 gave
+    # the same map to 1e-5 (10028, 100 labels) in 14 Newton steps over the 5 refits instead of 20
+    refit_tol: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ def held_out_logits(learner: "ActiveLearner", labels: list["Label"],
     z = np.empty(len(real))
     for f in np.unique(fold):
         out = np.flatnonzero(fold == f)
-        model = learner.fit_model([l for l, g in zip(real, fold) if g != f], learner.model)
+        model = learner.fit_model([l for l, g in zip(real, fold) if g != f], learner.model, newton_tol=s.refit_tol)
         z[out] = model.decision_function(learner.rows([(real[i].micrograph, real[i].x, real[i].y) for i in out]))
     return z, np.array([l.label for l in real], dtype=np.float64), int(np.unique(fold).size)
 

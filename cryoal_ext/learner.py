@@ -203,12 +203,16 @@ class ActiveLearner:
         self.last_fit_s = time.perf_counter() - t
         return model
 
-    def fit_model(self, labels: list[Label], start: BLR | None = None) -> BLR:
-        """The BLR fitted on ``labels``, leaving the learner's own model alone (cross-validation refits)."""
+    def fit_model(self, labels: list[Label], start: BLR | None = None, newton_tol: float | None = None) -> BLR:
+        """The BLR fitted on ``labels``, leaving the learner's own model alone (cross-validation refits).
+
+        ``newton_tol``: a looser stop than the BLR's default, for refits that only score a few answers.
+        """
         r = self.recipe
         X, y, w = self.training_set(labels)
         l2 = r.l2 / (1.0 + r.l2_decay * len(labels))
-        model = BLR(l2=l2, pi=self.pi(), pi_weight=r.pi_weight, standardise=r.standardise, solver=self.solver)
+        model = BLR(l2=l2, pi=self.pi(), pi_weight=r.pi_weight, standardise=r.standardise, solver=self.solver,
+                    **({"newton_tol": newton_tol} if newton_tol is not None else {}))
         if X.shape[0] == 0 and self.recipe.prior == "pretrained":
             w0, b0 = head_of(self.feature_model)
             model.coef_, model.intercept_ = w0, b0
