@@ -1,6 +1,8 @@
-"""Markdown table (README "Accuracy") from benchmarks/results/accuracy_<tag>.json files.
+"""Markdown tables (README "Accuracy") from benchmarks/results/accuracy_<tag>.json files, or from
+`cryoal benchmark --splits all` JSON files (the cross-validated tables of issue 16).
 
     python benchmarks/accuracy_table.py views8 views8_literal
+    python benchmarks/accuracy_table.py --splits benchmarks/results/splits_10028_u32.json benchmarks/results/splits_10017_u32.json
 """
 from __future__ import annotations
 
@@ -40,5 +42,56 @@ def main(tags: list[str]) -> None:
             print(f"| {NAMES.get(ds, ds)} | {name} | {fm} | {oracle} | {base.mean():.3f} | " + " | ".join(cells)
                   + f" | {c} | {n} |")
 
+def splits_tables(paths: list[str]) -> None:
+    """AP per budget (mean, worst split, worst gain over the pretrained model), then the threshold a user gets."""
+    print("| dataset | recipe | features | runs (splits x seeds) | pretrained | " + " | ".join(
+        f"@{b} mean / worst split / worst gain" for b in (10, 25, 50, 100)) + " |")
+    print("|---|---|---|---|---|" + "---|" * 4)
+    docs = [(p, json.loads(Path(p).read_text())) for p in paths]
+    for p, d in docs:
+        ds = NAMES.get(next((k for k in NAMES if k in d["settings"]["micrographs"]), ""), Path(p).stem)
+        for name, row in d["summary"].items():
+            cells = [f"{c['ap_mean']:.3f} / {c['worst_split_ap_mean']:.3f} / {c['min_gain_over_baseline']:+.3f}"
+                     for c in row["budgets"].values()]
+            fm = next(r["feature_model"] for r in d["runs"] if r["recipe"] == name)
+            print(f"| {ds} | {name} | {fm} | {row['runs']} ({row['splits']} x {len(d['settings']['seeds'])}) | "
+                  f"{row['baseline_ap_mean']:.3f} | " + " | ".join(cells) + " |")
+    print()
+    print("| dataset | labels | probabilities | sum of p / true count: mean (worst) | F1 at suggested threshold |"
+          " best F1 | F1 lost: mean (worst) |")
+    print("|---|---|---|---|---|---|---|")
+    for p, d in docs:
+        ds = NAMES.get(next((k for k in NAMES if k in d["settings"]["micrographs"]), ""), Path(p).stem)
+        for name, row in d["summary"].items():
+            b = row["baseline_threshold"]
+            print(f"| {ds} | 0 | Topaz pretrained | {b['expected_over_true_mean']:.2f} ({b['expected_over_true_worst']:.2f}) | "
+                  f"{b['f1_suggested_mean']:.3f} | {b['f1_best_mean']:.3f} | {b['f1_gap_mean']:.3f} ({b['f1_gap_worst']:.3f}) |")
+            for labels, c in row["budgets"].items():
+                for kind in ("raw", "calibrated"):
+                    if kind in c:
+                        t = c[kind]
+                        print(f"| {ds} | {labels} | {name}, {kind} | {t['expected_over_true_mean']:.2f} "
+                              f"({t['expected_over_true_worst']:.2f}) | {t['f1_suggested_mean']:.3f} | "
+                              f"{t['f1_best_mean']:.3f} | {t['f1_gap_mean']:.3f} ({t['f1_gap_worst']:.3f}) |")
+    print()
+    print("| dataset | labels | pretrained at its threshold: TP / FP | pretrained at our recall: TP / FP | "
+          "ours (calibrated threshold): TP / FP |")
+    print("|---|---|---|---|---|")
+    for p, d in docs:
+        ds = NAMES.get(next((k for k in NAMES if k in d["settings"]["micrographs"]), ""), Path(p).stem)
+        runs = d["runs"]
+        bt = [r["baseline"]["threshold"] for r in runs]
+        for i, a in enumerate(runs[0]["active"]):
+            th = [r["active"][i]["threshold"] for r in runs]
+            kind = "calibrated" if all("calibrated" in t for t in th) else "raw"
+            m = [t["baseline_at_matched_recall"] for t in th]
+            print(f"| {ds} | {a['labels']} | {np.mean([t['tp'] for t in bt]):.0f} / {np.mean([t['fp'] for t in bt]):.0f} | "
+                  f"{np.mean([t['tp'] for t in m]):.0f} / {np.mean([t['fp'] for t in m]):.0f} | "
+                  f"{np.mean([t[kind]['tp'] for t in th]):.0f} / {np.mean([t[kind]['fp'] for t in th]):.0f} |")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["views8"])
+    if sys.argv[1:2] == ["--splits"]:
+        splits_tables(sys.argv[2:])
+    else:
+        main(sys.argv[1:] or ["views8"])

@@ -1,6 +1,7 @@
 """Oracle benchmark: the paper's Table 1 protocol on any dataset with ground truth."""
 from __future__ import annotations
 
+import itertools
 import logging
 import statistics
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_json
+from .calibration import attach, calibrate
 from .extract import Picks, extract_picks
 from .features import DEFAULT_FEATURE_MODEL, FeatureCache
 from .files import by_micrograph, read_coordinates, write_topaz
@@ -40,6 +42,8 @@ class BenchmarkSettings:
     recipes: tuple[str, ...] = ("default",)
     recipe_overrides: dict = field(default_factory=dict)
     ceiling: bool = False
+    splits: str = "seed"  # 'seed': the seed draws the training micrographs; 'all': every choice of them x seeds
+    calibrate: bool = True  # Platt-scale the logit on held-out answers before counting and thresholding
     cache_dir: str | None = None
     device: str | None = None
 
@@ -66,16 +70,70 @@ def ceiling_labels(items: list[Item], truth: dict, radius_px: float, rng, negati
     return labels
 
 
-def run_one(s: BenchmarkSettings, recipe: Recipe, seed: int, data, progress=print, picks_out: str | None = None) -> dict:
-    """One seed of one recipe: returns the JSON record of the issue's format."""
+def f1_best(ev) -> tuple[float, float]:
+    """The best F1 over every threshold of the pooled ranking, and that threshold."""
+    if ev.n_true == 0 or ev.tp.size == 0:
+        return 0.0, 1.0
+    ctp = np.cumsum(ev.tp)
+    f1 = 2.0 * ctp / (np.arange(1, ev.tp.size + 1) + ev.n_true)
+    k = int(np.argmax(f1))
+    return float(f1[k]), float(ev.scores[k])
+
+
+def threshold_stats(ev, bins: int = 10) -> dict:
+    """What a user thresholding at the suggested value gets, next to the best threshold; reliability bins.
+
+    ``expected``: the sum of the picks' probabilities, the model's own estimate of the particle count.
+    """
+    from .workflow import suggest_threshold
+
+    t = suggest_threshold(ev.scores)
+    c = ev.counts_at(t)
+    f1 = 2 * c["tp"] / max(2 * c["tp"] + c["fp"] + c["fn"], 1)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(ev.scores, edges) - 1, 0, bins - 1)
+    rel = {"n": np.bincount(which, minlength=bins).tolist(),
+           "sum_p": np.round(np.bincount(which, ev.scores, minlength=bins), 3).tolist(),
+           "sum_tp": np.bincount(which, ev.tp.astype(float), minlength=bins).astype(int).tolist()}
+    best, t_best = f1_best(ev)
+    return {"threshold": round(t, 4), "tp": c["tp"], "fp": c["fp"], "precision": round(c["precision"], 4),
+            "recall": round(c["recall"], 4), "f1": round(f1, 4), "f1_best": round(best, 4),
+            "threshold_best": round(t_best, 4),
+            "expected": round(float(ev.scores.sum()), 1), "n_true": ev.n_true, "reliability": rel}
+
+
+def at_recall(ev, recall: float) -> dict:
+    """True and false positives of the shortest prefix of the ranking that reaches ``recall``."""
+    ctp = np.cumsum(ev.tp)
+    need = int(np.ceil(recall * ev.n_true - 1e-9))
+    k = int(np.searchsorted(ctp, need) + 1) if need > 0 and ctp.size and ctp[-1] >= need else int(ev.tp.size)
+    tp = int(ctp[k - 1]) if k else 0
+    return {"tp": tp, "fp": k - tp, "recall": round(tp / max(ev.n_true, 1), 4), "reached": bool(ctp.size and ctp[-1] >= need)}
+
+
+def training_splits(names: list[str], s: BenchmarkSettings) -> list[list[str] | None]:
+    """``None`` (the seed draws them) or every choice of ``train_micrographs`` training micrographs."""
+    if s.splits == "seed":
+        return [None]
+    if s.splits != "all":
+        raise ValueError(f"unknown splits {s.splits!r}; choose seed or all")
+    k = min(s.train_micrographs, len(names) - 1)
+    return [list(c) for c in itertools.combinations(sorted(names), k)]
+
+
+def run_one(s: BenchmarkSettings, recipe: Recipe, seed: int, data, progress=print, picks_out: str | None = None,
+            train: list[str] | None = None) -> dict:
+    """One seed of one recipe (on ``train``, or micrographs the seed draws): the JSON record of the issue's format."""
     items_all, truth, shapes = data["items"], data["truth"], data["shapes"]
     names = sorted(items_all)
     rng = np.random.default_rng(seed)
-    train = sorted(rng.choice(names, size=min(s.train_micrographs, len(names) - 1), replace=False).tolist())
+    drawn = sorted(rng.choice(names, size=min(s.train_micrographs, len(names) - 1), replace=False).tolist())
+    train = sorted(train) if train is not None else drawn
     evals = [n for n in names if n not in train]
     t0 = time.perf_counter()
     base_picks = [extract_picks(n, items_all[n].fmap.score, items_all[n].mic.frame, s.radius_px) for n in evals]
     base = _evaluate(base_picks, truth, s, shapes)
+    base_thr = threshold_stats(base)
     out_dir = Path(picks_out) if picks_out else None
     if out_dir:
         write_topaz(out_dir / "baseline.txt", base_picks)
@@ -101,15 +159,25 @@ def run_one(s: BenchmarkSettings, recipe: Recipe, seed: int, data, progress=prin
             rnd += 1
         picks = [learner.picks(items_all[n].mic, items_all[n].fmap) for n in evals]
         ev = _evaluate(picks, truth, s, shapes)
+        rec_b = {"raw": threshold_stats(ev)}
+        if s.calibrate and learner.model is not None:
+            cal = calibrate(learner, labels)
+            attach(learner.model, cal)  # learner.picks now scores with the calibrated logit (same ranking)
+            picks = [learner.picks(items_all[n].mic, items_all[n].fmap) for n in evals]
+            ev = _evaluate(picks, truth, s, shapes)
+            rec_b["calibrated"] = {**threshold_stats(ev), "a": round(cal.a, 4), "b": round(cal.b, 4), "answers": cal.n}
+        shown = rec_b.get("calibrated", rec_b["raw"])
+        rec_b["baseline_at_matched_recall"] = at_recall(base, shown["recall"])
         n_pos = sum(l.label for l in labels)
         active.append({"labels": len(labels), "positives": n_pos, "ap": round(ev.ap, 4), "ap90": round(ev.ap90, 4),
-                       "recall": round(ev.recall, 4)})
+                       "recall": round(ev.recall, 4), "threshold": rec_b})
         progress(f"  [{recipe.name} seed {seed}] {len(labels):4d} labels ({n_pos} positive): AP {ev.ap:.3f} "
                  f"AP90 {ev.ap90:.3f}  (baseline {base.ap:.3f})")
         if out_dir:
             write_topaz(out_dir / f"labels_{budget}.txt", picks)
     rec = {"recipe": recipe.name, "seed": seed, "oracle": s.oracle,
-           "baseline": {"ap": round(base.ap, 4), "ap90": round(base.ap90, 4), "recall": round(base.recall, 4)},
+           "baseline": {"ap": round(base.ap, 4), "ap90": round(base.ap90, 4), "recall": round(base.recall, 4),
+                        "threshold": base_thr},
            "active": active, "train": train, "eval": evals}
     if s.ceiling:
         cl = ActiveLearner([items_all[n] for n in train], s.radius_px, recipe.with_(pseudo_labels=0),
@@ -143,18 +211,42 @@ def load_data(s: BenchmarkSettings, progress=print) -> dict:
             "cache_hits": cache.hits}
 
 
+def _threshold_summary(stats: list[dict]) -> dict:
+    """Expected/true count and the F1 lost by the suggested threshold: mean and worst over runs."""
+    ratio = np.array([t["expected"] / max(t["n_true"], 1) for t in stats])
+    gap = np.array([t["f1_best"] - t["f1"] for t in stats])
+    return {"expected_over_true_mean": round(float(ratio.mean()), 3),
+            "expected_over_true_worst": round(float(ratio[np.argmax(np.abs(ratio - 1))]), 3),
+            "f1_suggested_mean": round(float(np.mean([t["f1"] for t in stats])), 4),
+            "f1_best_mean": round(float(np.mean([t["f1_best"] for t in stats])), 4),
+            "f1_gap_mean": round(float(gap.mean()), 4), "f1_gap_worst": round(float(gap.max()), 4)}
+
+
 def summarise(runs: list[dict]) -> dict:
+    """Per recipe and budget: mean AP, the worst run, the worst split (its mean over seeds), the worst gain."""
     out = {}
     for name in dict.fromkeys(r["recipe"] for r in runs):
         rs = [r for r in runs if r["recipe"] == name]
         budgets = [a["labels"] for a in rs[0]["active"]]
-        row = {"baseline_ap_mean": round(float(np.mean([r["baseline"]["ap"] for r in rs])), 4), "budgets": {}}
+        row = {"runs": len(rs), "splits": len({r.get("split") for r in rs}),
+               "baseline_ap_mean": round(float(np.mean([r["baseline"]["ap"] for r in rs])), 4),
+               "baseline_threshold": _threshold_summary([r["baseline"]["threshold"] for r in rs]), "budgets": {}}
         for i, b in enumerate(budgets):
-            aps = [r["active"][i]["ap"] for r in rs if i < len(r["active"])]
-            gains = [r["active"][i]["ap"] - r["baseline"]["ap"] for r in rs if i < len(r["active"])]
-            row["budgets"][str(b)] = {"ap_mean": round(float(np.mean(aps)), 4), "ap_std": round(float(np.std(aps)), 4),
-                                      "ap_min": round(float(np.min(aps)), 4),
-                                      "min_gain_over_baseline": round(float(np.min(gains)), 4)}
+            got = [r for r in rs if i < len(r["active"])]
+            aps = [r["active"][i]["ap"] for r in got]
+            gains = [r["active"][i]["ap"] - r["baseline"]["ap"] for r in got]
+            by_split: dict = {}
+            for r in got:
+                by_split.setdefault(r.get("split"), []).append(r["active"][i]["ap"])
+            cell = {"ap_mean": round(float(np.mean(aps)), 4), "ap_std": round(float(np.std(aps)), 4),
+                    "ap_min": round(float(np.min(aps)), 4),
+                    "worst_split_ap_mean": round(float(min(np.mean(v) for v in by_split.values())), 4),
+                    "min_gain_over_baseline": round(float(np.min(gains)), 4)}
+            for kind in ("raw", "calibrated"):
+                stats = [r["active"][i]["threshold"][kind] for r in got if kind in r["active"][i].get("threshold", {})]
+                if stats:
+                    cell[kind] = _threshold_summary(stats)
+            row["budgets"][str(b)] = cell
         if "ceiling" in rs[0]:
             row["ceiling_ap_mean"] = round(float(np.mean([r["ceiling"]["ap"] for r in rs])), 4)
         out[name] = row
@@ -174,14 +266,17 @@ def run_benchmark(s: BenchmarkSettings, json_out: str, picks_out: str | None = N
         recipe = get_recipe(name, **s.recipe_overrides) if name == "default" or s.recipe_overrides else get_recipe(name)
         if sf.feature_model not in datas:
             datas[sf.feature_model] = load_data(sf, progress)
-        for seed in s.seeds:
-            po = None
-            if picks_out:
-                po = picks_out if len(s.recipes) == 1 and len(s.seeds) == 1 else \
-                    str(Path(picks_out) / f"{spec.replace('@', '_')}_seed{seed}")
-            rec = run_one(sf, recipe, seed, datas[sf.feature_model], progress, po)
-            rec["recipe"], rec["feature_model"] = spec, sf.feature_model
-            runs.append(rec)
+        splits = training_splits(sorted(datas[sf.feature_model]["items"]), s)
+        for si, train in enumerate(splits):
+            for seed in s.seeds:
+                po = None
+                if picks_out:
+                    po = picks_out if len(s.recipes) == 1 and len(s.seeds) == 1 and len(splits) == 1 else \
+                        str(Path(picks_out) / (f"{spec.replace('@', '_')}_seed{seed}" + (f"_split{si}" if train else "")))
+                rec = run_one(sf, recipe, seed, datas[sf.feature_model], progress, po, train=train)
+                rec["recipe"], rec["feature_model"] = spec, sf.feature_model
+                rec["split"] = si if train is not None else None
+                runs.append(rec)
     total = time.perf_counter() - t0
     rounds = [r["timing"]["round_median_s"] for r in runs if r["timing"]["round_median_s"] is not None]
     timing = {"features_s": round(sum(d["features_s"] for d in datas.values()), 2),
@@ -189,18 +284,22 @@ def run_benchmark(s: BenchmarkSettings, json_out: str, picks_out: str | None = N
               "total_s": round(total, 2), "feature_cache_hits": sum(d["cache_hits"] for d in datas.values())}
     settings = {"micrographs": s.micrographs, "truth": s.truth, "radius_px": s.radius_px, "border_px": s.border_px,
                 "batch": s.batch, "budgets": list(s.budgets), "feature_model": s.feature_model, "oracle": s.oracle,
-                "working_pixel_size": s.working_pixel_size}
+                "working_pixel_size": s.working_pixel_size, "splits": s.splits, "seeds": list(s.seeds),
+                "calibrate": s.calibrate}
     if len(runs) == 1:
-        result = {k: v for k, v in runs[0].items() if k not in ("timing", "feature_model")}  # the issue's format
+        result = {k: v for k, v in runs[0].items() if k not in ("timing", "feature_model", "split")}  # the issue's format
         result["timing"] = timing
         result["settings"] = {**settings, "feature_model": runs[0]["feature_model"]}
     else:
         result = {"settings": settings, "summary": summarise(runs), "runs": runs, "timing": timing}
     write_json(json_out, result)
-    try:
-        from .plots import plot_benchmark
+    from . import plots
 
-        plot_benchmark(result, str(Path(json_out).with_suffix(".png")))
-    except Exception as exc:  # a missing plot must not lose the figures
-        log.warning("could not draw the AP-vs-labels plot: %s", exc)
+    stem = Path(json_out).with_suffix("")
+    for draw, suffix in ((plots.plot_benchmark, ".png"), (plots.plot_calibration, "_calibration.png"),
+                         (plots.plot_fig3, "_fig3.png")):
+        try:
+            draw(result, f"{stem}{suffix}")
+        except Exception as exc:  # a missing plot must not lose the figures
+            log.warning("could not draw %s%s: %s", stem, suffix, exc)
     return result

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .calibration import calibrated
 from .acquisition import Proposal, entropy, entropy_peaks, peaks, spread_in_features
 from .extract import Picks, extract_picks, sigmoid
 from .features import DEFAULT_FEATURE_MODEL, FeatureMap, blas_threads, head_of
@@ -196,25 +197,34 @@ class ActiveLearner:
     def fit(self, labels: list[Label], start: BLR | None = None) -> BLR:
         """Fit on ``labels``; Newton starts from ``start`` or the last fit (same optimum, fewer steps)."""
         t = time.perf_counter()
+        model = self.fit_model(labels, start if start is not None else self.model)
+        self.model = model
+        self._logits = {}
+        self.last_fit_s = time.perf_counter() - t
+        return model
+
+    def fit_model(self, labels: list[Label], start: BLR | None = None, newton_tol: float | None = None) -> BLR:
+        """The BLR fitted on ``labels``, leaving the learner's own model alone (cross-validation refits).
+
+        ``newton_tol``: a looser stop than the BLR's default, for refits that only score a few answers.
+        """
         r = self.recipe
         X, y, w = self.training_set(labels)
         l2 = r.l2 / (1.0 + r.l2_decay * len(labels))
-        model = BLR(l2=l2, pi=self.pi(), pi_weight=r.pi_weight, standardise=r.standardise, solver=self.solver)
+        model = BLR(l2=l2, pi=self.pi(), pi_weight=r.pi_weight, standardise=r.standardise, solver=self.solver,
+                    **({"newton_tol": newton_tol} if newton_tol is not None else {}))
         if X.shape[0] == 0 and self.recipe.prior == "pretrained":
             w0, b0 = head_of(self.feature_model)
             model.coef_, model.intercept_ = w0, b0
             model.prior_coef_, model.prior_intercept_ = w0, b0
         else:
-            warm = (start if start is not None else self.model) if self.warm_start else None
+            warm = start if self.warm_start else None
             if warm is not None and warm.coef_ is not None:
                 model.coef_, model.intercept_ = warm.coef_, warm.intercept_
             with blas_threads(1):  # small dense products: thread hand-offs cost more than they save
                 model.fit(X, y, w, unlabelled=self._unlabelled, prior=self.prior(), warm_start=warm is not None)
         model.meta = {"feature_model": self.feature_model, "recipe": r.to_dict(), "radius_px": self.radius_px,
                       "working_pixel_size": float(np.mean([it.mic.frame.working_pixel_size for it in self.items.values()]))}
-        self.model = model
-        self._logits = {}
-        self.last_fit_s = time.perf_counter() - t
         return model
 
     def logits(self, name: str) -> np.ndarray:
@@ -251,7 +261,7 @@ class ActiveLearner:
             out[name] = list(zip(v.tolist(), x.tolist(), y.tolist(), p.tolist()))
         return out
 
-    def _rows(self, points: list[tuple[str, float, float]]) -> np.ndarray:
+    def rows(self, points: list[tuple[str, float, float]]) -> np.ndarray:
         """Feature rows at (micrograph, x, y) spots in original pixels, in the given order."""
         dim = next(iter(self.items.values())).fmap.features.shape[0]
         out = np.empty((len(points), dim), dtype=np.float32)
@@ -270,9 +280,9 @@ class ActiveLearner:
         pool = _best_first(self._candidates("entropy", labels, m))[:m]
         # features on a common scale, so no channel with a large range decides the distance alone
         scale = self._unlabelled.std(0) + 1e-6 if self._unlabelled is not None else 1.0
-        P = self._rows([(n, c[1], c[2]) for n, c in pool]) / scale
+        P = self.rows([(n, c[1], c[2]) for n, c in pool]) / scale
         real = [l for l in labels if l.micrograph in self.items]
-        C = self._rows([(l.micrograph, l.x, l.y) for l in real]) / scale if real else None
+        C = self.rows([(l.micrograph, l.x, l.y) for l in real]) / scale if real else None
         return [Proposal(pool[j][0], pool[j][1][1], pool[j][1][2], pool[j][1][3], "uncertain")
                 for j in spread_in_features(P, [c[0] for _, c in pool], k, C)]
 
@@ -327,7 +337,8 @@ class ActiveLearner:
 
     # --- picks ---------------------------------------------------------------------------------
     def score_map(self, fmap: FeatureMap) -> np.ndarray:
-        return fmap.score if self.model is None else self.model.logit_map(fmap.features)
+        """Logits for picking: calibrated when the model carries a calibration (calibration.attach)."""
+        return fmap.score if self.model is None else calibrated(self.model).logit_map(fmap.features)
 
     def picks(self, mic: Micrograph, fmap: FeatureMap, threshold: float | None = None) -> Picks:
         return extract_picks(mic.name, self.score_map(fmap), mic.frame, self.radius_px, threshold)

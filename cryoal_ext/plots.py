@@ -105,3 +105,84 @@ def plot_histogram(scores: np.ndarray, path: str, threshold: float | None = None
     ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     _save(fig, path)
+
+
+def _last_budget(runs: list[dict], name: str) -> tuple[list[dict], int]:
+    rs = [r for r in runs if r.get("recipe", "default") == name and r["active"]]
+    n = max(len(r["active"]) for r in rs)
+    return [r for r in rs if len(r["active"]) == n], n - 1
+
+
+def plot_calibration(result: dict, path: str) -> None:
+    """Reliability diagram (pooled picks of every run, largest budget) and expected vs true count per run."""
+    runs = result.get("runs", [result])
+    plt = _plt()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4.3))
+    ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls=":")
+    lim = 0
+    for name in dict.fromkeys(r.get("recipe", "default") for r in runs):
+        rs, i = _last_budget(runs, name)
+        labels_n = rs[0]["active"][i]["labels"]
+        for kind, marker in (("raw", "s"), ("calibrated", "o")):
+            stats = [r["active"][i]["threshold"][kind] for r in rs if kind in r["active"][i].get("threshold", {})]
+            if not stats:
+                continue
+            n = np.sum([t["reliability"]["n"] for t in stats], axis=0)
+            sp = np.sum([t["reliability"]["sum_p"] for t in stats], axis=0)
+            st = np.sum([t["reliability"]["sum_tp"] for t in stats], axis=0)
+            ok = n >= 5
+            ax.plot(sp[ok] / n[ok], st[ok] / n[ok], marker=marker, label=f"{name} {kind} ({labels_n} labels)")
+            e = np.array([t["expected"] for t in stats])
+            tr = np.array([t["n_true"] for t in stats])
+            bx.scatter(tr, e, marker=marker, s=14, label=f"{name} {kind}")
+            lim = max(lim, e.max(), tr.max())
+    base = [r["baseline"]["threshold"] for r in runs if "threshold" in r["baseline"]]
+    if base:
+        bx.scatter([t["n_true"] for t in base], [t["expected"] for t in base], marker="x", s=14, color="k",
+                   label="Topaz pretrained")
+        lim = max(lim, max(t["expected"] for t in base))
+    ax.set_xlabel("predicted probability (bin mean)")
+    ax.set_ylabel("fraction of picks that are particles")
+    ax.set_title("reliability, held-out micrographs", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    xs = np.array([0, lim * 1.05])
+    bx.plot(xs, xs, color="k", lw=0.8)
+    bx.fill_between(xs, 0.85 * xs, 1.15 * xs, color="0.85", label="within 15%")
+    bx.set_xlabel("true particles")
+    bx.set_ylabel("sum of pick probabilities")
+    bx.set_title("expected vs true count, one point per run", fontsize=9)
+    bx.grid(alpha=0.3)
+    bx.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_fig3(result: dict, path: str) -> None:
+    """True and false positives (mean over runs, largest budget): pretrained at its suggested threshold and at
+    our recall, and ours at the suggested threshold (the seed paper's Figure 3, measured)."""
+    runs = result.get("runs", [result])
+    plt = _plt()
+    bars: list[tuple[str, float, float]] = []
+    base = [r["baseline"]["threshold"] for r in runs if "threshold" in r["baseline"]]
+    if base:
+        bars.append(("pretrained\nsuggested thr.", np.mean([t["tp"] for t in base]), np.mean([t["fp"] for t in base])))
+    for name in dict.fromkeys(r.get("recipe", "default") for r in runs):
+        rs, i = _last_budget(runs, name)
+        th = [r["active"][i]["threshold"] for r in rs]
+        kind = "calibrated" if all("calibrated" in t for t in th) else "raw"
+        m = [t["baseline_at_matched_recall"] for t in th]
+        bars.append((f"pretrained\nat {name}'s recall", np.mean([t["tp"] for t in m]), np.mean([t["fp"] for t in m])))
+        bars.append((f"{name}, {rs[0]['active'][i]['labels']} labels\nsuggested thr.",
+                     np.mean([t[kind]["tp"] for t in th]), np.mean([t[kind]["fp"] for t in th])))
+    fig, ax = plt.subplots(figsize=(1.9 * len(bars) + 1, 4))
+    x = np.arange(len(bars))
+    ax.bar(x - 0.2, [b[1] for b in bars], 0.4, label="true positives", color="#22c55e")
+    ax.bar(x + 0.2, [b[2] for b in bars], 0.4, label="false positives", color="#ef4444")
+    for xi, (_, tp, fp) in zip(x, bars):
+        ax.text(xi - 0.2, tp, f"{tp:.0f}", ha="center", va="bottom", fontsize=8)
+        ax.text(xi + 0.2, fp, f"{fp:.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [b[0] for b in bars], fontsize=8)
+    ax.set_ylabel(f"picks on the held-out micrographs (mean of {len(runs)} runs)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)

@@ -8,6 +8,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .acquisition import Proposal
+from .calibration import attach, calibrate, calibrated
 from .extract import Picks
 from .features import DEFAULT_FEATURE_MODEL, FeatureCache
 from .io import load_micrograph
@@ -101,6 +102,8 @@ def labelling_round(session: Session, items: list[Item], recipe: Recipe, radius_
     model = None
     if labels or recipe.pseudo_labels > 0:
         model = learner.fit(labels, start=_previous_model(session, feature_model))
+        # calibrated probabilities for picking and thresholding (the weights stay raw for proposals)
+        attach(model, calibrate(learner, labels))
         model.save(session.model_path, round=session.round, n_labels=len(labels))
     fit_s = time.perf_counter() - t
     t = time.perf_counter()
@@ -113,9 +116,10 @@ def labelling_round(session: Session, items: list[Item], recipe: Recipe, radius_
 
 def predict(items: Iterable[Item], model: BLR | None, radius_px: float | Callable[[Item], float],
             threshold: float | None = None) -> Iterator[tuple[Item, Picks]]:
-    """Picks per micrograph from the model's score (the pretrained score when ``model`` is None)."""
+    """Picks per micrograph from the model's calibrated score (the pretrained score when ``model`` is None)."""
     from .extract import extract_picks
 
+    model = calibrated(model)
     for it in items:
         r = radius_px(it) if callable(radius_px) else radius_px
         logits = it.fmap.score if model is None else model.logit_map(it.fmap.features)
@@ -123,7 +127,11 @@ def predict(items: Iterable[Item], model: BLR | None, radius_px: float | Callabl
 
 
 def suggest_threshold(scores: np.ndarray) -> float:
-    """Probability threshold that maximises the expected F1 if the probabilities are calibrated."""
+    """Probability threshold that maximises the expected F1 if the probabilities are calibrated.
+
+    Give it calibrated probabilities (``predict`` returns them for a model a round has calibrated):
+    on the raw BLR ones it sits too low (issue 16: F1 0.798 where the best threshold gives 0.845).
+    """
     s = np.sort(np.asarray(scores, float))[::-1]
     if s.size == 0:
         return 0.5

@@ -13,8 +13,10 @@ from cryoal_ext.cli import SUBCOMMANDS, build_parser, main
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 BENCHMARK_KEYS = {"recipe", "seed", "oracle", "baseline", "active", "train", "eval", "timing", "settings"}
-SCORE_KEYS = {"ap", "ap90", "recall"}
-ACTIVE_KEYS = {"labels", "positives", "ap", "ap90", "recall"}
+SCORE_KEYS = {"ap", "ap90", "recall", "threshold"}
+ACTIVE_KEYS = {"labels", "positives", "ap", "ap90", "recall", "threshold"}
+THRESHOLD_KEYS = {"threshold", "tp", "fp", "precision", "recall", "f1", "f1_best", "threshold_best",
+                  "expected", "n_true", "reliability"}
 TIMING_KEYS = {"features_s", "round_median_s", "total_s", "feature_cache_hits"}
 
 
@@ -90,6 +92,36 @@ def test_benchmark_writes_documented_json_and_picks(benchmark_run, example_data)
         assert lines[0] == "image_name\tx_coord\ty_coord\tscore" and len(lines) > 5
         assert {line.split("\t")[0] for line in lines[1:]} == set(result["eval"])
     assert (benchmark_run / "result.png").read_bytes()[:4] == b"\x89PNG"
+    # the threshold a user would take, raw and calibrated, and the pretrained model at our recall (issue 16)
+    assert set(result["baseline"]["threshold"]) == THRESHOLD_KEYS
+    for a in result["active"]:
+        t = a["threshold"]
+        assert set(t["raw"]) == THRESHOLD_KEYS and set(t["calibrated"]) == THRESHOLD_KEYS | {"a", "b", "answers"}
+        assert t["calibrated"]["answers"] == a["labels"] and t["calibrated"]["a"] > 0
+        assert t["raw"]["n_true"] == t["calibrated"]["n_true"] > 0
+        assert t["calibrated"]["f1"] <= t["calibrated"]["f1_best"]
+        assert t["baseline_at_matched_recall"]["recall"] >= t["calibrated"]["recall"] or \
+            not t["baseline_at_matched_recall"]["reached"]
+    for png in ("result_calibration.png", "result_fig3.png"):
+        assert (benchmark_run / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_benchmark_splits_all_runs_every_pair_of_training_micrographs(tmp_path, example_data, feature_cache):
+    out = tmp_path / "splits.json"
+    assert main(["benchmark", "--micrographs", str(example_data / "micrographs"), "--truth",
+                 str(example_data / "particles.txt"), "--radius-px", "28", "--budgets", "10", "--splits", "all",
+                 "--feature-model", "resnet16_u32", "--json", str(out), "--cache-dir", feature_cache,
+                 "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["splits"] == "all"
+    trains = [tuple(r["train"]) for r in result["runs"]]
+    assert len(trains) == len(set(trains)) == 3  # 3 crops: every pair once (one seed)
+    assert all(len(r["eval"]) == 1 and not set(r["eval"]) & set(r["train"]) for r in result["runs"])
+    cell = result["summary"]["default"]["budgets"]["10"]
+    aps = [r["active"][0]["ap"] for r in result["runs"]]
+    assert cell["ap_min"] == pytest.approx(min(aps), abs=1e-4) == cell["worst_split_ap_mean"]
+    assert cell["ap_mean"] == pytest.approx(sum(aps) / 3, abs=1e-4)
+    assert {"raw", "calibrated"} <= set(cell) and result["summary"]["default"]["splits"] == 3
 
 
 @pytest.mark.parametrize("which", ["baseline", "labels_20"])

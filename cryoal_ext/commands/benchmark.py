@@ -25,8 +25,14 @@ def add_arguments(p) -> None:
                    help="override a recipe setting (repeatable), e.g. --set l2=10")
     p.add_argument("--oracle", default="careful", choices=("careful", "literal"),
                    help="careful: a hit is labelled at the true centre (default); literal: the published answer")
+    p.add_argument("--splits", default="seed", choices=("seed", "all"),
+                   help="seed: the seed draws the training micrographs (default); all: every choice of "
+                        "--train-micrographs of them, each with every seed (mean and worst reported)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="count and threshold with the raw BLR probabilities (no Platt scaling on held-out answers)")
     p.add_argument("--ceiling", action="store_true", help="also train on every true particle of the training micrographs")
-    p.add_argument("--json", required=True, help="output JSON (a PNG plot is written beside it)")
+    p.add_argument("--json", required=True, help="output JSON; beside it OUT.png (AP vs labels), "
+                   "OUT_calibration.png (reliability, expected vs true count), OUT_fig3.png (true/false positives)")
     p.add_argument("--picks-out", default=None, help="write baseline.txt and labels_N.txt here")
     add_engine_arguments(p)
 
@@ -60,7 +66,8 @@ def main(args) -> int:
         batch=args.batch, seeds=tuple(seeds), feature_model=args.feature_model,
         working_pixel_size=args.working_pixel_size, oracle=args.oracle,
         recipes=tuple(r.strip() for r in args.recipe.split(",") if r.strip()),
-        recipe_overrides=_overrides(args.set), ceiling=args.ceiling, cache_dir=args.cache_dir, device=args.device,
+        recipe_overrides=_overrides(args.set), ceiling=args.ceiling, splits=args.splits,
+        calibrate=not args.no_calibration, cache_dir=args.cache_dir, device=args.device,
     )
     result = run_benchmark(s, args.json, args.picks_out)
     shown = result["summary"] if "summary" in result else {k: result[k] for k in ("baseline", "active", "timing")}

@@ -1,0 +1,109 @@
+"""Calibration (Platt scaling on held-out answers) and the benchmark's split / threshold helpers: synthetic data,
+plus one round of the learner on the bundled example crops (resnet16_u32)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cryoal_ext.benchmark import BenchmarkSettings, at_recall, threshold_stats, training_splits
+from cryoal_ext.calibration import Calibration, CalibrationSettings, attach, calibrate, calibrated, of, platt
+from cryoal_ext.metrics import Evaluation
+from cryoal_ext.model import BLR
+
+
+def test_platt_recovers_a_known_map_and_keeps_the_identity_without_evidence():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, 20000)
+    y = rng.random(z.size) < 1 / (1 + np.exp(-(0.5 * z - 1.0)))
+    cal = platt(z, y)
+    few = CalibrationSettings(min_answers=6)
+    assert abs(cal.a - 0.5) < 0.05 and abs(cal.b + 1.0) < 0.1
+    assert cal.n == z.size and cal.n_positive == int(y.sum())
+    # too few answers, or one class only: the identity, never a guess
+    assert (platt(z[:3], y[:3]).a, platt(z[:3], y[:3]).b) == (1.0, 0.0)
+    ones = platt(z[:50], np.ones(50), few)
+    assert (ones.a, ones.b) == (1.0, 0.0)
+    # a map that would flip the ranking is floored at a small positive slope
+    flip = platt(z[:2000], z[:2000] < 0, CalibrationSettings(prior_sd=100.0))
+    assert platt(z[:59], y[:59]) == Calibration(n=59, n_positive=int(y[:59].sum()))  # the default's 60-answer gate
+    assert flip.a == CalibrationSettings().min_slope
+
+
+def _model(meta: dict | None = None) -> BLR:
+    m = BLR()
+    m.coef_, m.intercept_ = np.array([1.0, -2.0, 0.5]), 0.3
+    m.prior_coef_, m.prior_intercept_ = np.zeros(3), 0.0
+    m.meta = dict(meta or {})
+    return m
+
+
+def test_calibrated_folds_the_map_into_the_weights_once_and_survives_save_and_load(tmp_path):
+    X = np.random.default_rng(1).normal(size=(50, 3)).astype(np.float32)
+    raw = _model()
+    assert calibrated(raw) is raw  # no calibration: the same model
+    attach(raw, Calibration(a=0.4, b=-1.5, n=30, n_positive=12, folds=5))
+    cm = calibrated(raw)
+    assert np.allclose(cm.decision_function(X), 0.4 * raw.decision_function(X) - 1.5, atol=1e-5)
+    assert np.array_equal(np.argsort(cm.decision_function(X)), np.argsort(raw.decision_function(X)))
+    assert calibrated(cm) is cm  # folding twice would square the map
+    assert np.array_equal(raw.coef_, [1.0, -2.0, 0.5])  # the raw weights (proposals, warm start) untouched
+    raw.save(tmp_path / "m.npz")
+    back = BLR.load(tmp_path / "m.npz")
+    assert of(back) == Calibration(a=0.4, b=-1.5, n=30, n_positive=12, folds=5)
+    assert np.allclose(calibrated(back).decision_function(X), cm.decision_function(X), atol=1e-5)
+    assert of(_model({"calibration": "damaged"})) == Calibration()  # unreadable: the identity
+
+
+def test_training_splits_are_every_pair_or_the_seed_draw():
+    s = BenchmarkSettings(micrographs="m", truth="t", radius_px=10, splits="all")
+    assert len(training_splits(list("abcd"), s)) == 6
+    assert len(training_splits(list("abcdef"), s)) == 15
+    assert training_splits(list("cab"), s) == [["a", "b"], ["a", "c"], ["b", "c"]]
+    assert training_splits(list("abcd"), BenchmarkSettings(micrographs="m", truth="t", radius_px=10)) == [None]
+    with pytest.raises(ValueError, match="splits"):
+        training_splits(list("abcd"), BenchmarkSettings(micrographs="m", truth="t", radius_px=10, splits="some"))
+
+
+def test_threshold_stats_and_matched_recall_count_what_a_user_keeps():
+    scores = np.array([0.95, 0.9, 0.8, 0.6, 0.4, 0.2, 0.1])
+    tp = np.array([1, 1, 0, 1, 0, 1, 0], bool)
+    ev = Evaluation(0.0, 0.0, 0.0, 5, scores.size, scores, tp)
+    t = threshold_stats(ev, bins=5)
+    assert t["expected"] == pytest.approx(scores.sum(), abs=0.05) and t["n_true"] == 5
+    assert t["tp"] + t["fp"] == int((scores >= t["threshold"]).sum())
+    assert t["f1_best"] == pytest.approx(max(2 * np.cumsum(tp)[k] / (k + 1 + 5) for k in range(7)), abs=1e-4)
+    assert t["f1"] <= t["f1_best"]
+    assert sum(t["reliability"]["n"]) == 7 and sum(t["reliability"]["sum_tp"]) == 4
+    m = at_recall(ev, 0.6)  # 3 of 5 true: the first 4 picks
+    assert (m["tp"], m["fp"], m["reached"]) == (3, 1, True)
+    assert at_recall(ev, 1.0)["reached"] is False  # one particle is never picked
+
+
+def test_calibrate_scores_each_answer_with_a_model_that_did_not_see_it(example_data, feature_cache):
+    from cryoal_ext.features import FeatureCache
+    from cryoal_ext.files import by_micrograph, read_coordinates
+    from cryoal_ext.io import load_micrograph
+    from cryoal_ext.learner import ActiveLearner, Item
+    from cryoal_ext.oracle import Oracle
+    from cryoal_ext.recipes import get_recipe
+
+    cache = FeatureCache(feature_cache, "resnet16_u32", "cpu")
+    mic = load_micrograph(example_data / "micrographs" / "061_10028_crop.mrc")
+    learner = ActiveLearner([Item(mic, cache.get(mic))], 28.0, get_recipe("default"), "resnet16_u32", seed=0)
+    oracle = Oracle(by_micrograph(read_coordinates(example_data / "particles.txt")), 28.0, "careful")
+    labels = []
+    learner.fit(labels)
+    for rnd in range(3):
+        props = learner.initial_proposals(8, labels) if rnd == 0 else learner.propose(8, labels)
+        labels += oracle.answer(props, rnd)
+        learner.fit(labels)
+    before = learner.model.coef_.copy()
+    gated = calibrate(learner, labels)  # 24 answers: under the default's 60, the probabilities stay raw
+    assert (gated.a, gated.b, gated.n, gated.folds) == (1.0, 0.0, len(labels), 0)
+    cal = calibrate(learner, labels, CalibrationSettings(min_answers=6))
+    assert cal.n == len(labels) and cal.folds == 3 and cal.a > 0  # one fold per round
+    assert np.array_equal(learner.model.coef_, before)  # the refits leave the learner's model alone
+    attach(learner.model, cal)
+    pk = learner.picks(mic, learner.items[mic.name].fmap)
+    raw = 1 / (1 + np.exp(-learner.model.logit_map(learner.items[mic.name].fmap.features)))
+    assert len(pk) and pk.score.max() == pytest.approx(cal.prob(np.log(raw.max() / (1 - raw.max()))), rel=1e-4)
