@@ -55,7 +55,8 @@ class PredictSettings:
     channels_last: bool | None = None  # NHWC activations (None: on CUDA, off on the CPU; H100: 1.3x)
     threshold: float | None = None  # keep picks with probability >= this
     min_score: float = 1e-4  # drop the hopeless tail (as extract_picks)
-    gpu_normalise: bool = True  # on CUDA: Topaz's GMM normalisation fit on the GPU too (H100: 1.7x end to end)
+    normalisation: str | None = None  # io.normalise method (None: $CRYOAL_NORMALISATION or 'gmm', the histogram fit)
+    gpu_normalise: bool = True  # on CUDA, with normalisation 'gmm-sample': Topaz's fit on the GPU (H100: 1.7x end to end)
 
 
 @dataclass
@@ -246,7 +247,8 @@ def stream_predict(
     def read_one(it: Item):
         try:
             return it, load_micrograph(it.path, s.working_pixel_size, it.pixel_size, name=it.name,
-                                       device=device if on_cuda and s.gpu_normalise else None)
+                                       device=device if on_cuda and s.gpu_normalise else None,
+                                       normalisation=s.normalisation)
         except MicrographError as exc:
             return it, exc
 

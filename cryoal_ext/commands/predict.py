@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..io import file_digest
+from ..io import file_digest, resolve_normalisation
 from ..model import BLR
 from ..shard import Shard, is_complete, merge, reconcile_manifest, write_error, write_micrograph
 from ..workflow import EngineSettings, suggest_threshold
@@ -89,7 +89,8 @@ def run_settings(args, model_path: str | None, feature_model: str, formats: set[
     return {"model": f"sha1:{file_digest(Path(model_path).with_suffix('.npz'))}" if model_path else f"pretrained:{feature_model}",
             "feature_model": feature_model, "working_pixel_size": args.working_pixel_size,
             "pixel_size": args.pixel_size, "radius_px": args.radius_px, "diameter_A": args.diameter_A,
-            "threshold": args.threshold, "precision": precision_of(args), "formats": sorted(formats)}
+            "threshold": args.threshold, "precision": precision_of(args), "formats": sorted(formats),
+            "normalisation": resolve_normalisation()}
 
 
 def precision_of(args) -> str:
@@ -136,7 +137,7 @@ def main(args) -> int:
     batch = args.batch_size or (4 if device.startswith("cuda") else 1)
     ps = PredictSettings(feature_model=feature_model, working_pixel_size=args.working_pixel_size, device=device,
                          batch_size=batch, precision=precision, prefetch=args.prefetch, readers=args.readers,
-                         threshold=args.threshold)
+                         threshold=args.threshold, normalisation=resolve_normalisation())
     print(f"shard {shard}: {len(mine)} of {len(by_name)} micrographs, {len(mine) - len(todo)} already done, "
           f"{len(todo)} to pick on {device} (batch {batch}, {precision})")
     t = time.perf_counter()
