@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.normalise_reference import OUT, ROOT, DATA, topaz_full_fit, working_image
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from normalise_reference import DATA, OUT, ROOT, topaz_full_fit, working_image  # noqa: E402
 
 
 def max_diff(a: tuple[float, float], b: tuple[float, float], lo: float, hi: float) -> float:
