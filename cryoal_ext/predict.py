@@ -27,7 +27,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -68,6 +68,7 @@ class Item:
     path: str
     name: str
     pixel_size: float | None
+    seconds: dict = field(default_factory=dict)  # time per stage: read, crop, normalise, network, nms
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Result:
     shape: tuple[int, int] | None = None  # original (ny, nx)
     working_shape: tuple[int, int] | None = None
     error: str | None = None
+    seconds: dict = field(default_factory=dict)  # time per stage (they overlap across micrographs)
 
 
 def settings_precision(s: "PredictSettings") -> str:
@@ -248,7 +250,7 @@ def stream_predict(
         try:
             return it, load_micrograph(it.path, s.working_pixel_size, it.pixel_size, name=it.name,
                                        device=device if on_cuda and s.gpu_normalise else None,
-                                       normalisation=s.normalisation)
+                                       normalisation=s.normalisation, timings=it.seconds)
         except MicrographError as exc:
             return it, exc
 
@@ -328,7 +330,11 @@ def stream_predict(
                         break
                     batch.append((it, mic))
                 if batch:
-                    for (it, mic), z in zip(batch, forward(batch)):
+                    t0 = time.perf_counter()
+                    zs = forward(batch)
+                    share = (time.perf_counter() - t0) / len(batch)
+                    for (it, mic), z in zip(batch, zs):
+                        it.seconds["network"] = share
                         mic.image = None  # the logits are all that is needed from here
                         if not _put(scored, (it, mic, z), stop):
                             return
@@ -353,11 +359,14 @@ def stream_predict(
                 raise got.exc
             it, mic, z = got
             if mic is None:
-                yield Result(it.key, it.name, None, error=str(z))
+                yield Result(it.key, it.name, None, error=str(z), seconds=dict(it.seconds))
                 continue
             r = radius_of(it.key, mic)
+            t0 = time.perf_counter()
             picks = extract_picks(it.name, z, mic.frame, r, s.threshold, s.min_score)
-            yield Result(it.key, it.name, picks, tuple(mic.frame.original_shape), tuple(mic.frame.working_shape))
+            it.seconds["nms"] = time.perf_counter() - t0
+            yield Result(it.key, it.name, picks, tuple(mic.frame.original_shape), tuple(mic.frame.working_shape),
+                         seconds=dict(it.seconds))
     finally:
         stop.set()
         for th in threads:

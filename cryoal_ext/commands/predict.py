@@ -144,18 +144,25 @@ def main(args) -> int:
     failed = 0
     inputs = [(n, str(by_name[n]), n, args.pixel_size) for n in todo]
     bar = tqdm(total=len(todo), unit="mic", desc="predict", disable=args.no_progress or not todo)
+    stages: dict[str, float] = {}
     for res in stream_predict(inputs, model, lambda _k, mic: engine.radius_for(mic.frame.pixel_size), ps):
+        w = time.perf_counter()
         if res.picks is None:
             failed += 1
             write_error(out, res.name, res.error or "unreadable")
             bar.write(f"skipped {res.name}: {res.error}")
         else:
             write_micrograph(out, res.picks, formats)
+        for k, v in {**res.seconds, "write": time.perf_counter() - w}.items():
+            stages[k] = stages.get(k, 0.0) + v
         bar.update(1)
     bar.close()
     dt = time.perf_counter() - t
     rate = f", {len(todo) / dt:.2f} mic/s" if todo and dt > 0 else ""
     print(f"picked {len(todo) - failed} micrograph(s) in {dt:.1f} s{rate}" + (f"; {failed} unreadable" if failed else ""))
+    if stages:  # summed over micrographs; reading, the network and NMS + writing run at the same time
+        order = ("read", "crop", "normalise", "network", "nms", "write")
+        print("seconds per stage (overlapping): " + ", ".join(f"{k} {stages[k]:.2f}" for k in order if k in stages))
     if shard.count > 1:
         print(f"when every shard has finished: cryoal merge {out}")
         return 1 if failed else 0
