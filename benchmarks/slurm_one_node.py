@@ -138,7 +138,7 @@ def main() -> int:
               "--threads", "1"]
     rc = 1
     try:
-        got = subprocess.run(["sinfo", "-V"], text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        got = subprocess.run(["sinfo", "-V"], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         print(f"temp folder {tmp}; host {host}; {got.stdout.strip()}")
         run(["slurmctld", "-f", str(conf)], env)
         run(["slurmd", "-f", str(conf)], env)
