@@ -1,4 +1,6 @@
-"""GMM normalisation on the CPU vs on the GPU: time and max |difference| per micrograph (run on a GPU machine).
+"""Topaz's GMM fit (the old ``gmm-sample`` method) on the CPU vs on the GPU: time and max |difference| (GPU machine).
+
+The default ``gmm`` (histogram fit, cryoal_ext/normalise.py) runs on the CPU only; see normalise_speed.py.
 
     python benchmarks/normalise_cpu_vs_gpu.py DATA_DIR   # reads DATA_DIR/*/micrographs/*.mrc (first 6)
 """
@@ -17,12 +19,12 @@ def main(folder: str) -> None:
         data, ps = read_mrc(f)
         small = fourier_crop(data, working_shape(data.shape, ps, 8.0))
         t = time.time()
-        cpu = normalise(small)
+        cpu = normalise(small, "gmm-sample")
         t_cpu = time.time() - t
-        normalise(small, device="cuda")  # warm-up
+        normalise(small, "gmm-sample", device="cuda")  # warm-up
         torch.cuda.synchronize()
         t = time.time()
-        gpu = normalise(small, device="cuda")
+        gpu = normalise(small, "gmm-sample", device="cuda")
         t_gpu = time.time() - t
         print(f"{f.split('/')[-1]}: cpu {t_cpu:.2f}s gpu {t_gpu:.2f}s max|diff| {np.abs(cpu - gpu).max():.2e}", flush=True)
 

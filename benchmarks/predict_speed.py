@@ -6,7 +6,11 @@ Speed, one process, the same N micrographs and the same trained BLR (resnet16_u3
   already in memory: no reading, scaling, normalising, NMS or writing.  Timed before and after
   the others; the mean is the reference.
 * ``cryoal predict``: the real command (``cli.main``, in-process): read MRC, Fourier-crop, GMM
-  normalise, network, NMS, per-micrograph files, manifest, merge.
+  normalise, network, NMS, per-micrograph files, manifest, merge; once per ``--normalisations``
+  method (default: the new histogram fit ``gmm`` and the old 1-in-10 fit ``gmm-sample``), side
+  by side, with the seconds of each stage (read, crop, normalise, network, NMS, write) summed over
+  the micrographs as the command reports them.  Stages overlap (a reader thread reads and
+  normalises beside the network), so they need not add up to the end-to-end time.
 * ``old predict``: what ``cryoal predict`` did before (featurise: backbone -> float16 feature maps,
   then ``BLR.logit_map`` and NMS, one micrograph after another), feature cache off.
 * ``topaz extract`` (topaz-em, in-process via ``topaz.commands.extract`` because the ``topaz``
@@ -24,6 +28,7 @@ the old path (float16 cached features) on the held-out EMPIAR-10028 micrographs.
 
     python benchmarks/predict_speed.py                    # all of it (~10 min on 2 busy cores)
     python benchmarks/predict_speed.py --skip-memory --n 4
+    python benchmarks/predict_speed.py --skip-topaz --skip-old --skip-memory --skip-ap   # issue 15: network vs end to end
 """
 from __future__ import annotations
 
@@ -125,6 +130,47 @@ def run_old_predict(files: list[Path], model_path: Path, out: Path, fm: str) -> 
     return time.perf_counter() - t
 
 
+def run_cryoal_predict(files: list[Path], model_path: Path, out: Path, normalisation: str,
+                       threads: int | None) -> tuple[float, dict]:
+    """`cryoal predict` in-process with one normalisation: (seconds, seconds per stage summed over micrographs)."""
+    import contextlib
+    import io as _io
+
+    from cryoal_ext import cli
+
+    args = ["predict", *map(str, files), "--model", str(model_path), "--radius-px", "28", "--out-dir", str(out),
+            "--no-progress"] + (["--threads", str(threads)] if threads else [])
+    before = os.environ.get("CRYOAL_NORMALISATION")
+    os.environ["CRYOAL_NORMALISATION"] = normalisation
+    buf = _io.StringIO()
+    try:
+        t = time.perf_counter()
+        with contextlib.redirect_stdout(buf):
+            rc = cli.main(args)
+        dt = time.perf_counter() - t
+    finally:
+        if before is None:
+            os.environ.pop("CRYOAL_NORMALISATION", None)
+        else:
+            os.environ["CRYOAL_NORMALISATION"] = before
+    assert rc == 0, buf.getvalue()
+    line = next((ln for ln in buf.getvalue().splitlines() if ln.startswith("seconds per stage")), "")
+    stages = {k: float(v) for k, v in (item.rsplit(" ", 1) for item in line.split(": ", 1)[-1].split(", ") if " " in item)}
+    return dt, stages
+
+
+def print_table(around: dict, times: dict, stages: dict, norms: list[str], n: int) -> None:
+    """Network-only (mean of the timings just before and after) vs end to end, and the stages, per normalisation."""
+    order = ("read", "crop", "normalise", "network", "nms", "write")
+    print(f"\n{'':28s}" + "".join(f"{nm:>14s}" for nm in norms))
+    print(f"{'network only (s)':28s}" + "".join(f"{around[nm]:14.2f}" for nm in norms))
+    print(f"{'end to end (s)':28s}" + "".join(f"{times[f'cryoal_predict[{nm}]']:14.2f}" for nm in norms))
+    print(f"{'end to end / network':28s}" + "".join(f"{times[f'cryoal_predict[{nm}]'] / around[nm]:14.3f}" for nm in norms))
+    for k in order:
+        print(f"{'  ' + k + ' (s, summed)':28s}" + "".join(f"{stages[nm].get(k, float('nan')):14.2f}" for nm in norms))
+    print(f"({n} micrographs; stages overlap: reading + normalising run in a thread beside the network)", flush=True)
+
+
 def peak_rss_kib(files: list[Path], model_path: Path, tmp: Path, n: int) -> int:
     """Peak RSS (KiB) of one `cryoal predict` subprocess over n micrographs (real ones, repeated)."""
     folder = tmp / f"mics_{n}"
@@ -149,12 +195,14 @@ def main() -> int:
     ap.add_argument("--feature-model", default="resnet16_u32",
                     help="features of the model (default one view, the same network work as topaz extract)")
     ap.add_argument("--cache-dir", default=os.environ.get("CRYOAL_CACHE", "/tmp/fcache"))
+    ap.add_argument("--normalisations", default="gmm,gmm-sample",
+                    help="end to end once per io.normalise method, side by side (new histogram fit, old 1-in-10 fit)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for cryoal predict (default: torch's)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "predict_speed.json"))
     a = ap.parse_args()
 
     import torch
 
-    from cryoal_ext import cli
     from cryoal_ext.io import load_micrograph
 
     # alternate datasets so any n mixes both working shapes
@@ -183,14 +231,22 @@ def main() -> int:
         shapes = sorted({m.image.shape for m in mics})
         backbone_seconds([images[0][:256, :256]], model, a.feature_model)  # warm-up
         times: dict[str, float] = {}
-        times["backbone_1"] = backbone_seconds(images, model, a.feature_model)
-        print(f"backbone: {times['backbone_1']:.1f} s for {len(images)} micrographs {shapes}", flush=True)
-        t = time.perf_counter()
-        rc = cli.main(["predict", *map(str, speed_files), "--model", str(model_path), "--radius-px", "28",
-                       "--out-dir", str(tmp / "ours"), "--no-progress"])
-        times["cryoal_predict"] = time.perf_counter() - t
-        assert rc == 0
-        print(f"cryoal predict: {times['cryoal_predict']:.1f} s", flush=True)
+        stages: dict[str, dict] = {}
+        norms = [n for n in a.normalisations.split(",") if n]
+        # the network alone before and after each end-to-end run: on a shared machine the load drifts, so each
+        # end-to-end time is compared with the mean of the two network timings around it
+        nets = [backbone_seconds(images, model, a.feature_model)]
+        times["backbone_1"] = nets[0]
+        print(f"network only: {nets[0]:.1f} s for {len(images)} micrographs {shapes}", flush=True)
+        around: dict[str, float] = {}
+        for norm in norms:
+            key = f"cryoal_predict[{norm}]"
+            t, stages[norm] = run_cryoal_predict(speed_files, model_path, tmp / f"ours_{norm}", norm, a.threads)
+            times[key] = t
+            nets.append(backbone_seconds(images, model, a.feature_model))
+            around[norm] = 0.5 * (nets[-2] + nets[-1])
+            print(f"cryoal predict, normalisation {norm}: {t:.1f} s; network only after it: {nets[-1]:.1f} s; "
+                  f"stages {stages[norm]}", flush=True)
         if not a.skip_topaz:
             import mrcfile
 
@@ -214,14 +270,19 @@ def main() -> int:
         result["speed"] = {
             "micrographs": [f.name for f in speed_files], "working_shapes": [list(s) for s in shapes],
             "seconds": {k: round(v, 2) for k, v in times.items()},
-            "cryoal_predict_over_backbone": round(times["cryoal_predict"] / bare, 3),
-            "micrographs_per_s": round(len(speed_files) / times["cryoal_predict"], 3),
+            "network_only_s": round(bare, 2), "network_only_each_s": [round(v, 2) for v in nets],
+            "network_only_around_s": {n: round(v, 2) for n, v in around.items()},
+            "end_to_end_over_network": {n: round(times[f"cryoal_predict[{n}]"] / around[n], 3) for n in norms},
+            "micrographs_per_s": {n: round(len(speed_files) / times[f"cryoal_predict[{n}]"], 3) for n in norms},
+            "stage_seconds_summed": stages,
         }
-        if "topaz_extract" in times:
-            result["speed"]["topaz_extract_over_cryoal_predict"] = round(times["topaz_extract"] / times["cryoal_predict"], 3)
+        main_t = times.get(f"cryoal_predict[{norms[0]}]") if norms else None
+        if "topaz_extract" in times and main_t:
+            result["speed"]["topaz_extract_over_cryoal_predict"] = round(times["topaz_extract"] / main_t, 3)
             result["speed"]["topaz_extract_over_backbone"] = round(times["topaz_extract"] / bare, 3)
-        if "old_predict" in times:
-            result["speed"]["old_predict_over_cryoal_predict"] = round(times["old_predict"] / times["cryoal_predict"], 3)
+        if "old_predict" in times and main_t:
+            result["speed"]["old_predict_over_cryoal_predict"] = round(times["old_predict"] / main_t, 3)
+        print_table(around, times, stages, norms, len(speed_files))
         print("speed:", json.dumps(result["speed"]), flush=True)
         if not a.skip_memory:
             ns = [int(v) for v in a.memory_n.split(",")]

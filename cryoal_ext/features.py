@@ -21,7 +21,7 @@ PRETRAINED = ("resnet16_u32", "resnet16_u64", "resnet8_u32", "resnet8_u64")
 VIEWS = {1: "", 2: "+views2", 4: "+views4", 8: "+views8"}
 FEATURE_MODELS = tuple(b + s for b in PRETRAINED for s in VIEWS.values())
 DEFAULT_FEATURE_MODEL = "resnet16_u32+views8"
-CACHE_VERSION = "2"  # bump when preprocessing changes, so stale caches are not reused
+CACHE_VERSION = "3"  # bump when preprocessing changes, so stale caches are not reused (3: normalisation in the key)
 
 
 def default_device() -> str:
@@ -239,8 +239,9 @@ def compute_features_batch(images: list[np.ndarray], name: str = DEFAULT_FEATURE
 class FeatureCache:
     """Features on disk as float16 .npy, memory-mapped on reuse.
 
-    Keyed by micrograph content, feature model, working shape and preprocessing version, so a
-    second round or a second command never recomputes them and a changed file never hits.
+    Keyed by micrograph content, feature model, working shape, normalisation and preprocessing
+    version, so a second round or a second command never recomputes them, and a changed file or
+    features of an image normalised another way never hit.
     """
 
     def __init__(self, folder: str | os.PathLike | None, model: str = DEFAULT_FEATURE_MODEL, device: str | None = None,
@@ -259,7 +260,8 @@ class FeatureCache:
     def _stem(self, mic: Micrograph) -> Path:
         ny, nx = mic.frame.working_shape
         tag = "" if self.precision == "fp32" else f".{self.precision}"  # mixed-precision features never mix in
-        return self.folder / f"{mic.name}.{mic.digest[:16]}.{self.model}{tag}.{ny}x{nx}.v{CACHE_VERSION}"
+        return self.folder / (f"{mic.name}.{mic.digest[:16]}.{self.model}{tag}.{ny}x{nx}."
+                              f"{mic.normalisation}.v{CACHE_VERSION}")
 
     def get(self, mic: Micrograph) -> FeatureMap:
         if self.folder is None:

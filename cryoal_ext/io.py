@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ import numpy as np
 from .coords import Frame, working_shape
 
 MICROGRAPH_SUFFIXES = (".mrc", ".mrcs", ".map", ".rec")
+NORMALISATIONS = ("gmm", "gmm-sample", "gmm-full", "affine")  # see normalise()
+DEFAULT_NORMALISATION = "gmm"
 
 
 class MicrographError(ValueError):
@@ -28,6 +31,7 @@ class Micrograph:
     image: np.ndarray  # float32 (ny, nx) at the working scale, normalised
     frame: Frame
     digest: str  # content hash of the file: keys the feature cache
+    normalisation: str = DEFAULT_NORMALISATION  # how ``image`` was normalised: keys the feature cache too
 
 
 def micrograph_name(path: str | os.PathLike) -> str:
@@ -103,26 +107,50 @@ def fourier_crop(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def normalise(image: np.ndarray, method: str = "gmm", sample: int = 10, seed: int = 0,
+def resolve_normalisation(method: str | None = None) -> str:
+    """``method``, else $CRYOAL_NORMALISATION, else the default; an unknown name is an error naming the choices.
+
+    Why an environment variable: the normalisation decides the features of every command (rounds,
+    benchmark, predict), and the older methods stay selectable without a flag on each of them.
+    """
+    m = method or os.environ.get("CRYOAL_NORMALISATION") or DEFAULT_NORMALISATION
+    if m not in NORMALISATIONS:
+        where = "" if method else " (from $CRYOAL_NORMALISATION)"
+        raise ValueError(f"unknown normalisation {m!r}{where}; choose one of {', '.join(NORMALISATIONS)}")
+    return m
+
+
+def normalise(image: np.ndarray, method: str | None = None, sample: int = 10, seed: int = 0,
               device: str | None = None) -> np.ndarray:
     """Per-micrograph normalisation as ``topaz preprocess`` does it, so the pretrained head sees what it was trained on.
 
-    ``gmm``: Topaz's two-component Gaussian mixture (beta prior alpha=900, beta=1) fitted to a
-    deterministic 1-in-``sample`` pixel subset (the full fit costs ~10x more for the same mean and
-    scale); the image is centred and scaled by the dominant component.  ``affine``: mean/std.
-    ``device``: 'cuda...' runs the fit on the GPU (prediction on a GPU node, where the fit on
-    one CPU core was the bottleneck: 2.8 s per 1024^2 micrograph); the result differs from the CPU
-    fit only by rounding, so cached features always use the CPU fit.
+    Topaz fits a two-component Gaussian mixture (Beta(900, 1) prior on the weight) and centres and
+    scales the image by its dominant component.  Methods:
+
+    * ``gmm`` (default): that fit on ALL pixels via a sort and a histogram (``normalise.fit_gmm``):
+      ~0.05 s per 686^2 image on one core, within Topaz's own float32 noise of its full fit;
+    * ``gmm-sample``: Topaz's own fit (``topaz.stats.norm_fit``) on a deterministic 1-in-``sample``
+      pixel subset, the method before (0.7-0.9 s; up to 0.24 from the full fit); ``device``
+      'cuda...' runs it on the GPU;
+    * ``gmm-full``: Topaz's own fit on every pixel, the reference (5-10 s per image);
+    * ``affine``: mean / std.
     """
     x = np.asarray(image, dtype=np.float32)
+    method = resolve_normalisation(method)
     if method == "affine":
         mu, sd = float(x.mean()), float(x.std())
     elif method == "gmm":
+        from .normalise import fit_gmm
+
+        fit = fit_gmm(x)
+        mu, sd = fit.mu, fit.std
+    else:
         import torch
         from topaz.stats import norm_fit
 
         flat = x.ravel()
-        n = max(int(round(flat.size / max(sample, 1))), min(flat.size, 1000))
+        step = 1 if method == "gmm-full" else max(sample, 1)
+        n = max(int(round(flat.size / step)), min(flat.size, 1000))
         sub = flat[np.random.default_rng(seed).choice(flat.size, size=n, replace=False)] if n < flat.size else flat
         # One torch thread: the fit is ~1000 tiny reductions, and thread hand-offs made it 25x slower
         # on a loaded 2-core machine (22 s vs 0.9 s); one thread also makes the result reproducible.
@@ -134,8 +162,6 @@ def normalise(image: np.ndarray, method: str = "gmm", sample: int = 10, seed: in
         finally:
             torch.set_num_threads(threads)
         mu, sd = float(mu), float(sd)
-    else:
-        raise ValueError(f"unknown normalisation {method!r}; choose gmm or affine")
     if not np.isfinite(sd) or sd <= 0:
         mu, sd = float(x.mean()), float(x.std()) or 1.0
     return ((x - mu) / sd).astype(np.float32)
@@ -147,14 +173,21 @@ def load_micrograph(
     pixel_size: float | None = None,
     name: str | None = None,
     device: str | None = None,
+    normalisation: str | None = None,
+    timings: dict | None = None,
 ) -> Micrograph:
     """Read, Fourier-crop to the working pixel size and normalise one micrograph.
 
-    ``pixel_size`` overrides the header (needed when the header is missing or wrong).
+    ``pixel_size`` overrides the header (needed when the header is missing or wrong);
+    ``normalisation``: see ``normalise`` (None: $CRYOAL_NORMALISATION or the default);
+    ``timings``: filled with the seconds of each stage (read, crop, normalise), for profiling.
     """
     from .validate import InputError, check_pixel_size
 
+    method = resolve_normalisation(normalisation)
+    t0 = time.perf_counter()
     data, header_ps = read_mrc(path)
+    digest = file_digest(path)
     try:
         if pixel_size:
             ps = check_pixel_size(pixel_size, f"{path}: the pixel size given for it (--pixel-size or STAR/.cs metadata)",
@@ -168,10 +201,16 @@ def load_micrograph(
             f"{path}: header pixel size {header_ps:.3f} A differs from the given {pixel_size:.3f} A; using the given one"
         )
     shape = working_shape(data.shape, ps, working_pixel_size)
-    small = normalise(fourier_crop(data, shape), device=device)
+    t1 = time.perf_counter()
+    cropped = fourier_crop(data, shape)
+    t2 = time.perf_counter()
+    small = normalise(cropped, method, device=device)
+    if timings is not None:
+        timings.update(read=t1 - t0, crop=t2 - t1, normalise=time.perf_counter() - t2)
     frame = Frame(original_shape=tuple(data.shape), working_shape=shape, pixel_size=float(ps))
     return Micrograph(
-        name=name or micrograph_name(path), path=str(path), image=small, frame=frame, digest=file_digest(path)
+        name=name or micrograph_name(path), path=str(path), image=small, frame=frame, digest=digest,
+        normalisation=method,
     )
 
 

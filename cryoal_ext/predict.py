@@ -27,7 +27,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -55,7 +55,8 @@ class PredictSettings:
     channels_last: bool | None = None  # NHWC activations (None: on CUDA, off on the CPU; H100: 1.3x)
     threshold: float | None = None  # keep picks with probability >= this
     min_score: float = 1e-4  # drop the hopeless tail (as extract_picks)
-    gpu_normalise: bool = True  # on CUDA: Topaz's GMM normalisation fit on the GPU too (H100: 1.7x end to end)
+    normalisation: str | None = None  # io.normalise method (None: $CRYOAL_NORMALISATION or 'gmm', the histogram fit)
+    gpu_normalise: bool = True  # on CUDA, with normalisation 'gmm-sample': Topaz's fit on the GPU (H100: 1.7x end to end)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Item:
     path: str
     name: str
     pixel_size: float | None
+    seconds: dict = field(default_factory=dict)  # time per stage: read, crop, normalise, network, nms
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Result:
     shape: tuple[int, int] | None = None  # original (ny, nx)
     working_shape: tuple[int, int] | None = None
     error: str | None = None
+    seconds: dict = field(default_factory=dict)  # time per stage (they overlap across micrographs)
 
 
 def settings_precision(s: "PredictSettings") -> str:
@@ -246,7 +249,8 @@ def stream_predict(
     def read_one(it: Item):
         try:
             return it, load_micrograph(it.path, s.working_pixel_size, it.pixel_size, name=it.name,
-                                       device=device if on_cuda and s.gpu_normalise else None)
+                                       device=device if on_cuda and s.gpu_normalise else None,
+                                       normalisation=s.normalisation, timings=it.seconds)
         except MicrographError as exc:
             return it, exc
 
@@ -326,7 +330,11 @@ def stream_predict(
                         break
                     batch.append((it, mic))
                 if batch:
-                    for (it, mic), z in zip(batch, forward(batch)):
+                    t0 = time.perf_counter()
+                    zs = forward(batch)
+                    share = (time.perf_counter() - t0) / len(batch)
+                    for (it, mic), z in zip(batch, zs):
+                        it.seconds["network"] = share
                         mic.image = None  # the logits are all that is needed from here
                         if not _put(scored, (it, mic, z), stop):
                             return
@@ -351,11 +359,14 @@ def stream_predict(
                 raise got.exc
             it, mic, z = got
             if mic is None:
-                yield Result(it.key, it.name, None, error=str(z))
+                yield Result(it.key, it.name, None, error=str(z), seconds=dict(it.seconds))
                 continue
             r = radius_of(it.key, mic)
+            t0 = time.perf_counter()
             picks = extract_picks(it.name, z, mic.frame, r, s.threshold, s.min_score)
-            yield Result(it.key, it.name, picks, tuple(mic.frame.original_shape), tuple(mic.frame.working_shape))
+            it.seconds["nms"] = time.perf_counter() - t0
+            yield Result(it.key, it.name, picks, tuple(mic.frame.original_shape), tuple(mic.frame.working_shape),
+                         seconds=dict(it.seconds))
     finally:
         stop.set()
         for th in threads:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..io import file_digest
+from ..io import file_digest, resolve_normalisation
 from ..model import BLR
 from ..shard import Shard, is_complete, merge, reconcile_manifest, write_error, write_micrograph
 from ..workflow import EngineSettings, suggest_threshold
@@ -88,7 +88,8 @@ def run_settings(args, model_path: str | None, feature_model: str, formats: set[
     return {"model": f"sha1:{file_digest(Path(model_path).with_suffix('.npz'))}" if model_path else f"pretrained:{feature_model}",
             "feature_model": feature_model, "working_pixel_size": args.working_pixel_size,
             "pixel_size": args.pixel_size, "radius_px": args.radius_px, "diameter_A": args.diameter_A,
-            "threshold": args.threshold, "precision": precision_of(args), "formats": sorted(formats)}
+            "threshold": args.threshold, "precision": precision_of(args), "formats": sorted(formats),
+            "normalisation": resolve_normalisation()}
 
 
 def precision_of(args) -> str:
@@ -143,25 +144,32 @@ def main(args) -> int:
     todo = [n for n in mine if args.overwrite or not is_complete(out, n, formats)]
     ps = PredictSettings(feature_model=feature_model, working_pixel_size=args.working_pixel_size, device=device,
                          batch_size=batch, precision=precision, prefetch=args.prefetch, readers=args.readers,
-                         threshold=args.threshold)
+                         threshold=args.threshold, normalisation=resolve_normalisation())
     print(f"shard {shard}: {len(mine)} of {len(by_name)} micrographs, {len(mine) - len(todo)} already done, "
           f"{len(todo)} to pick on {device} (batch {batch}, {precision})")
     t = time.perf_counter()
     failed = 0
     inputs = [(n, str(by_name[n]), n, args.pixel_size) for n in todo]
     bar = tqdm(total=len(todo), unit="mic", desc="predict", disable=args.no_progress or not todo)
+    stages: dict[str, float] = {}
     for res in stream_predict(inputs, model, lambda _k, mic: engine.radius_for(mic.frame.pixel_size), ps):
+        w = time.perf_counter()
         if res.picks is None:
             failed += 1
             write_error(out, res.name, res.error or "unreadable")
             bar.write(f"skipped {res.name}: {res.error}")
         else:
             write_micrograph(out, res.picks, formats)
+        for k, v in {**res.seconds, "write": time.perf_counter() - w}.items():
+            stages[k] = stages.get(k, 0.0) + v
         bar.update(1)
     bar.close()
     dt = time.perf_counter() - t
     rate = f", {len(todo) / dt:.2f} mic/s" if todo and dt > 0 else ""
     print(f"picked {len(todo) - failed} micrograph(s) in {dt:.1f} s{rate}" + (f"; {failed} unreadable" if failed else ""))
+    if stages:  # summed over micrographs; reading, the network and NMS + writing run at the same time
+        order = ("read", "crop", "normalise", "network", "nms", "write")
+        print("seconds per stage (overlapping): " + ", ".join(f"{k} {stages[k]:.2f}" for k in order if k in stages))
     if shard.count > 1:
         print(f"when every shard has finished: cryoal merge {out}")
         return 1 if failed else 0
