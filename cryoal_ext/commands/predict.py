@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..calibration import calibrated
 from ..io import file_digest, resolve_normalisation
 from ..model import BLR
 from ..shard import Shard, is_complete, merge, reconcile_manifest, write_error, write_micrograph
@@ -117,7 +118,7 @@ def main(args) -> int:
     device = resolve_device(args.device)
     precision = precision_of(args)
     resolve_precision(precision, device)  # refuse fp16 on the CPU before anything is read or written
-    model = BLR.load(args.model) if args.model else None
+    model = calibrated(BLR.load(args.model)) if args.model else None  # probabilities as the session calibrated them
     feature_model = model.meta.get("feature_model", args.feature_model) if model else args.feature_model
     if model is not None and given(args, "feature_model") and feature_model != args.feature_model:
         raise ValueError(f"--feature-model {args.feature_model} does not match {args.model}, which was trained on "
