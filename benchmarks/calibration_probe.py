@@ -5,7 +5,10 @@ current picks with p >= 0.5 on the training micrographs ("audits").  Not in the 
     python benchmarks/calibration_probe.py 10028 resnet16_u32 2 a2_28 061,062 311,312
     python benchmarks/calibration_probe_eval.py benchmarks/results/calibration_probe_a2_28.json
 """
-import sys, json, numpy as np, itertools
+import json
+import sys
+
+import numpy as np
 sys.path.insert(0,'benchmarks')
 from accuracy import DATASETS
 from cryoal_ext.benchmark import BenchmarkSettings, load_data, _evaluate
