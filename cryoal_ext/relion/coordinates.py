@@ -238,7 +238,7 @@ def extract_threshold(scores, lowest_kept: float) -> FomThreshold:
 
 def keep_for_extract(picks, threshold: float):
     """The picks (``extract.Picks``) Extract keeps at ``threshold``: what autopick.star must hold."""
-    from .extract import Picks
+    from ..extract import Picks
 
     keep = extract_keeps(written_fom(picks.score), threshold)
     return Picks(picks.name, picks.x[keep], picks.y[keep], picks.score[keep])

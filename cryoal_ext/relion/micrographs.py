@@ -186,7 +186,7 @@ def read_header(path: str | os.PathLike) -> HeaderInfo:
     """Shape and voxel size from an MRC header (cheap: the data are not read)."""
     import mrcfile
 
-    from .io import MicrographError
+    from ..io import MicrographError
 
     path = Path(path)
     if not path.exists():
