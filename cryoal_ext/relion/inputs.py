@@ -17,7 +17,7 @@ class Inputs:
         s = self.s
         if not s.in_mics:
             raise RelionError("no input micrographs: select the micrographs STAR of a MotionCorr, CtfFind or "
-                                "Select job as 'Input micrographs' (--in_mics)")
+                              "Select job as 'Input micrographs' (--in_mics)")
         self.major, how = detect_relion_version(s.in_mics, s.relion_version)
         self.version = VERSION_TAG[self.major]
         self.log(f"RELION {self.major} conventions ({how}); node label {NODE_LABELS[self.major]['coords']}")
@@ -61,7 +61,7 @@ class Inputs:
             shown = ", ".join(f"{e.path} (rlnMicrographName {e.name})" for e in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise RelionError(f"{len(missing)} micrograph file(s) listed in {self.s.in_mics} not found: "
-                                f"{shown}{more}")
+                              f"{shown}{more}")
         if bad:
             raise RelionError(f"unreadable micrograph(s) listed in {self.s.in_mics}: " + "; ".join(bad[:5]))
 
@@ -74,7 +74,7 @@ class Inputs:
                 self.log(f"particle diameter {self.diameter:g} A from the model file")
             else:
                 raise RelionError("no particle size: add the parameter --diameter (in Angstrom), "
-                                    "or --radius_px (in micrograph pixels)")
+                                  "or --radius_px (in micrograph pixels)")
 
     # -- session ---------------------------------------------------------------------------
     def open_session(self):
