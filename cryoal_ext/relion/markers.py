@@ -14,7 +14,7 @@ from ..atomic import write_text
 from ..files import write_star
 from .star import NODE_LABELS, VERSION_TAG, job_dir
 
-# --- exit markers (RELION ignores the exit code and polls for these files) --------------------
+# --- marker names (RELION ignores the exit code and polls for these files) --------------------
 SUCCESS = "RELION_JOB_EXIT_SUCCESS"
 FAILURE = "RELION_JOB_EXIT_FAILURE"
 ABORTED = "RELION_JOB_EXIT_ABORTED"

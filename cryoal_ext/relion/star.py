@@ -1,11 +1,11 @@
-"""RELION file conventions (RELION 4.0 and 5.0; reads 3.0/3.1 inputs).  No engine logic here.
+"""RELION file conventions (RELION 4.0 and 5.0; reads 3.0/3.1 inputs): STAR files, versions, job paths.
 
-Everything RELION-specific that is not "how to pick" lives in this module: reading micrograph and
-coordinate STAR files, the pixel-size fallback chain, version detection and node type labels,
-where per-micrograph coordinate files go, and the exit-marker protocol.  The facts come from
-RELION's sources (see ``../shared/docs/integration-conventions.md``); where RELION's docs and
-sources disagree, the sources win (e.g. RELION 4/5 read the STRING node type label, not the old
-integer type).  All STAR I/O goes through ``starfile``; every write is atomic.
+The base of the RELION file modules (``micrographs``, ``coordinates``, ``markers`` build on it):
+reading STAR files with errors that name the file, version detection and node type labels, and
+RELION's rules for job folders and per-micrograph output names.  No engine logic here.  The facts
+come from RELION's sources (see ``../shared/docs/integration-conventions.md``); where RELION's
+docs and sources disagree, the sources win (e.g. RELION 4/5 read the STRING node type label, not
+the old integer type).  All STAR I/O goes through ``starfile``; every write is atomic.
 """
 from __future__ import annotations
 
@@ -107,6 +107,7 @@ def detect_relion_version(in_star: str | os.PathLike | None, override: str | int
     return 5, "no version line found; assuming RELION 5 (set --relion_version 4 for RELION 4)"
 
 
+# --- job folders and output names -------------------------------------------------------------
 def decompose_pipeline_name(name: str) -> tuple[str, str, str]:
     """Split ``Dir/jobNNN/rest`` into (``Dir/``, ``jobNNN/``, ``rest``) as RELION does.
 
