@@ -14,8 +14,8 @@ SUBCOMMANDS = {
     "evaluate": ("cryoal_ext.commands.evaluate", "AP / precision-recall of a picks file against ground truth"),
     "features": ("cryoal_ext.commands.features", "compute and cache Topaz features for micrographs"),
     "example": ("cryoal_ext.commands.example", "run the whole loop on the bundled example data"),
-    "relion": ("cryoal_ext.relion_job", "RELION External job (what relion_scripts/cryoal_relion.py runs)"),
-    "cryosparc": ("cryoal_ext.cryosparc_job", "cryoSPARC external job, or offline on .cs files"),
+    "relion": ("cryoal_ext.relion.cli", "RELION External job (what relion_scripts/cryoal_relion.py runs)"),
+    "cryosparc": ("cryoal_ext.cryosparc.cli", "cryoSPARC external job, or offline on .cs files"),
     "merge": ("cryoal_ext.commands.merge", "join the outputs of --shard i/N prediction runs"),
     "session": ("cryoal_ext.commands.session", "check a session folder, or rebuild its session.json (--repair)"),
 }

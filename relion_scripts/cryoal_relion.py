@@ -2,7 +2,7 @@
 """RELION External job entry point for cryoal_ext (active-learning particle picking).
 
 In RELION: Job type "External", "External executable" = the full path of this file.  Because the
-path contains "relion_", RELION appends --pipeline_control; cryoal_ext.relion_job accepts it.
+path contains "relion_", RELION appends --pipeline_control; cryoal_ext.relion accepts it.
 The python3 found first on PATH (or the interpreter in the line above, if you edit it) must have
 cryoal_ext installed; from a source checkout the package next to this folder is used.
 """
@@ -31,13 +31,13 @@ def _fail(message: str) -> int:
 
 def _import():
     try:
-        from cryoal_ext.relion_job import run_cli
+        from cryoal_ext.relion.cli import run_cli
     except ImportError:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         if not os.path.isdir(os.path.join(here, "cryoal_ext")):
             raise
         sys.path.insert(0, here)  # a source checkout: relion_scripts/ sits next to cryoal_ext/
-        from cryoal_ext.relion_job import run_cli
+        from cryoal_ext.relion.cli import run_cli
     return run_cli
 
 

@@ -22,7 +22,8 @@ from pipeliner.api.manage_project import PipelinerProject
 from pipeliner.starfile_handler import StarFile
 
 import cryoal_ext
-from cryoal_ext.relion import read_coordinate_list, read_mic_coordinates, read_star
+from cryoal_ext.relion.coordinates import read_coordinate_list, read_mic_coordinates
+from cryoal_ext.relion.star import read_star
 
 EXAMPLE = Path(cryoal_ext.__file__).parent / "example_data" / "empiar10028_small"
 RADIUS_PX = 28.0  # particle radius in pixels of the crops (300 A at 5.36 A/px)

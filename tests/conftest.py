@@ -77,7 +77,7 @@ def relion_project_of(micrographs: Path, root: Path, pixel_size: float = 5.36) -
 def cryosparc_project_of(micrographs: Path, root: Path) -> tuple[Path, Path]:
     """A cryoSPARC project at ``root``: the MRCs of ``micrographs`` linked under J2/imported and a
     J2/exposures.cs naming them project-relative (cryosparc-tools' Dataset).  Returns (project, cs)."""
-    from cryoal_ext.cryosparc import exposures_from_files, save_dataset
+    from cryoal_ext.cryosparc.data import exposures_from_files, save_dataset
 
     imported = root / "J2" / "imported"
     imported.mkdir(parents=True)

@@ -127,18 +127,18 @@ def test_every_command_refuses_bad_numbers(argv, option, tmp_path, capsys):
                                          ("pixel_size", "nan"), ("batch", "inf"), ("threshold", "nan")])
 def test_relion_job_numbers_must_be_finite(name, value, tmp_path):
     """The RELION job's parameters (its own parser: --diameter, --radius_px, ...) refuse inf and nan by name."""
-    from cryoal_ext import relion as R
-    from cryoal_ext.relion_job import settings_from_args
+    from cryoal_ext.relion.settings import settings_from_args
+    from cryoal_ext.relion.star import RelionError
 
-    with pytest.raises(R.RelionError, match=f"--{name} '{value}': expected a finite number"):
+    with pytest.raises(RelionError, match=f"--{name} '{value}': expected a finite number"):
         settings_from_args(argparse.Namespace(o=str(tmp_path / "External" / "job009"), **{name: value}))
 
 
 def test_relion_job_pixel_size_must_be_plausible(tmp_path):
-    from cryoal_ext import relion as R
-    from cryoal_ext.relion_job import settings_from_args
+    from cryoal_ext.relion.settings import settings_from_args
+    from cryoal_ext.relion.star import RelionError
 
-    with pytest.raises(R.RelionError, match="--pixel_size 1e\\+06: not a plausible pixel size"):
+    with pytest.raises(RelionError, match="--pixel_size 1e\\+06: not a plausible pixel size"):
         settings_from_args(argparse.Namespace(o=str(tmp_path / "External" / "job009"), pixel_size="1e6"))
 
 
@@ -247,7 +247,7 @@ def cs_session(tmp_path_factory, mics, feature_cache):
 
 
 def _edited_copy(src: Path, dst: Path, field: str, value: float) -> Path:
-    from cryoal_ext.cryosparc import load_dataset, save_dataset
+    from cryoal_ext.cryosparc.data import load_dataset, save_dataset
 
     d = load_dataset(src)
     v = np.asarray(d[field]).copy()

@@ -12,9 +12,9 @@ import pytest
 pytest.importorskip("cryosparc.dataset")
 from cryosparc.dataset import Dataset  # noqa: E402
 
-from cryoal_ext import cryosparc as csd  # noqa: E402
+from cryoal_ext.cryosparc import data as csd  # noqa: E402
 from cryoal_ext.acquisition import Proposal  # noqa: E402
-from cryoal_ext.cryosparc_job import LabelInput, Reporter, RoundSettings, import_labels  # noqa: E402
+from cryoal_ext.cryosparc.job import LabelInput, Reporter, RoundSettings, import_labels  # noqa: E402
 from cryoal_ext.session import Session  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

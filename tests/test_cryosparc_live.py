@@ -27,8 +27,9 @@ from cryosparc.models.project import Project  # noqa: E402
 from cryosparc.models.resource import ResourceSpec  # noqa: E402
 from cryosparc.tools import CryoSPARC  # noqa: E402
 
-from cryoal_ext import cryosparc as csd  # noqa: E402
-from cryoal_ext import cryosparc_job as cj  # noqa: E402
+from cryoal_ext.cryosparc import data as csd  # noqa: E402
+from cryoal_ext.cryosparc import live as cj  # noqa: E402
+from cryoal_ext.cryosparc.job import RoundSettings  # noqa: E402
 from cryoal_ext.cli import main as cli  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # the shared fixtures, under any pytest import mode
@@ -107,11 +108,11 @@ def client() -> CryoSPARC:
                                             password=PASSWORD))
 
 
-def settings(tmp_path, **kw) -> cj.RoundSettings:
+def settings(tmp_path, **kw) -> RoundSettings:
     cache = os.environ.get("CRYOAL_TEST_CACHE") or str(tmp_path / "features")
     base = dict(radius_px=28.0, cache_dir=cache, batch=6, train_micrographs=1, plots=True)
     base.update(kw)
-    return cj.RoundSettings(**base)
+    return RoundSettings(**base)
 
 
 def called_names(mock) -> list[str]:

@@ -18,7 +18,7 @@ pytest.importorskip("cryosparc.dataset")
 pytest.importorskip("topaz")
 from cryosparc.dataset import Dataset  # noqa: E402
 
-from cryoal_ext import cryosparc as csd  # noqa: E402
+from cryoal_ext.cryosparc import data as csd  # noqa: E402
 from cryoal_ext.cli import main as cli  # noqa: E402
 from cryoal_ext.coords import from_fraction  # noqa: E402
 from cryoal_ext.metrics import evaluate  # noqa: E402

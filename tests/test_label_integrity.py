@@ -290,7 +290,7 @@ def test_label_store_holds_only_answers_given_each_once(tmp_path, mics, truth, f
 def test_every_writer_gives_the_mode_of_a_plain_write(tmp_path, example_data, umask):
     """Plain round, prediction (txt/STAR), feature cache, RELION job (STAR, PDF, PNG, npz, json) and cryoSPARC
     (.cs, PNG): every file we write gets 0666 & ~umask, as open(..., 'w') would give it."""
-    from cryoal_ext.cryosparc import exposures_from_files, save_dataset
+    from cryoal_ext.cryosparc.data import exposures_from_files, save_dataset
 
     from conftest import relion_project_of
 

@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryoal_ext.cryosparc import load_dataset
+from cryoal_ext.cryosparc.data import load_dataset
 from cryoal_ext.files import read_coordinates
 from cryoal_ext.labels import Label, LabelStore
 from cryoal_ext.napari.controller import LabellingController, lowpass, stable_uid
 from cryoal_ext.oracle import Oracle
-from cryoal_ext.relion import read_picks_table
+from cryoal_ext.relion.coordinates import read_picks_table
 from cryoal_ext.workflow import EngineSettings
 
 sys.path.insert(0, os.path.dirname(__file__))  # conftest helpers, under any pytest import mode

@@ -23,12 +23,12 @@ import pytest
 napari = pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from cryoal_ext.cryosparc import load_dataset  # noqa: E402
+from cryoal_ext.cryosparc.data import load_dataset  # noqa: E402
 from cryoal_ext.files import read_coordinates  # noqa: E402
 from cryoal_ext.metrics import evaluate  # noqa: E402
 from cryoal_ext.napari.controller import LabellingController  # noqa: E402
 from cryoal_ext.oracle import Oracle  # noqa: E402
-from cryoal_ext.relion import read_picks_table  # noqa: E402
+from cryoal_ext.relion.coordinates import read_picks_table  # noqa: E402
 from cryoal_ext.workflow import EngineSettings  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # conftest helpers, under any pytest import mode

@@ -27,7 +27,8 @@ from pipeliner.starfile_handler import StarFile  # noqa: E402
 
 from conftest import REPO_ROOT, relion_project_of  # noqa: E402
 from cryoal_ext.files import write_star  # noqa: E402
-from cryoal_ext.relion import read_coordinate_list, read_mic_coordinates, read_star  # noqa: E402
+from cryoal_ext.relion.coordinates import read_coordinate_list, read_mic_coordinates  # noqa: E402
+from cryoal_ext.relion.star import read_star  # noqa: E402
 
 AL = "cryoal.autopick.active_learning"
 PREDICT = "cryoal.autopick.predict"
@@ -102,7 +103,7 @@ def test_options_become_the_relion_jobs_arguments():
     job.joboptions["device"].value = "cpu"
     (cmd,) = job.get_commands()
     args = [str(a) for a in cmd.cmd]
-    assert args[:3] == ["python3", "-m", "cryoal_ext.relion_job"]
+    assert args[:3] == ["python3", "-m", "cryoal_ext.relion"]
     pairs = dict(zip(args[3::2], args[4::2]))
     assert pairs["--o"] == "AutoPick/job007/" and pairs["--in_mics"] == "CtfFind/job003/micrographs_ctf.star"
     assert pairs["--diameter"] == "300" and pairs["--batch"] == "10" and pairs["--device"] == "cpu"

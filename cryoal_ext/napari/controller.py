@@ -173,18 +173,18 @@ class LabellingController:
         return names
 
     def _open_relion(self, path: Path, project_dir, pixel_size):
-        from .. import relion as R
+        from ..relion.micrographs import check_pixel_size, read_header, read_micrographs_star
 
-        table = R.read_micrographs_star(path, project_dir or ".")
+        table = read_micrographs_star(path, project_dir or ".")
         if project_dir is None:
             project_dir = _guess_project_dir(table.entries[0].name, path.parent)
-            table = R.read_micrographs_star(path, project_dir)
+            table = read_micrographs_star(path, project_dir)
         notes = list(table.notes)
         for e in table.entries:
             if pixel_size:
                 e.pixel_size, e.pixel_size_source = pixel_size, "given"
             elif e.path.exists():
-                note = R.check_pixel_size(e, R.read_header(e.path))
+                note = check_pixel_size(e, read_header(e.path))
                 if note:
                     notes.append(note)
         specs = [MicrographSpec(str(e.path), e.key, e.pixel_size, extra={"relion_name": e.name})
@@ -192,7 +192,7 @@ class LabellingController:
         return specs, table, project_dir, notes
 
     def _open_cryosparc(self, path: Path, project_dir, pixel_size):
-        from ..cryosparc import exposures_to_specs, load_dataset
+        from ..cryosparc.data import exposures_to_specs, load_dataset
 
         dset = load_dataset(path, "exposures")
         if project_dir is None and len(dset) and "micrograph_blob/path" in dset.fields():
@@ -210,7 +210,7 @@ class LabellingController:
     def _check_shape(self, it: Item) -> None:
         spec = self.specs[it.mic.name]
         if "shape" in spec.extra and self.source_kind == "cryosparc":
-            from ..cryosparc import check_shape
+            from ..cryosparc.data import check_shape
 
             check_shape(spec, it.mic.frame.original_shape)
 
@@ -236,7 +236,7 @@ class LabellingController:
         spec = self.specs[name]
         if spec.pixel_size:
             return float(spec.pixel_size)
-        from ..relion import read_header
+        from ..relion.micrographs import read_header
 
         ps = read_header(spec.path).pixel_size
         if not ps:
@@ -493,7 +493,7 @@ class LabellingController:
     def _cs_specs(self) -> dict[str, MicrographSpec]:
         """Specs with cryoSPARC's fields (uid, path, shape, pixel size), made from the files when the
         source was not a .cs: uids are stable hashes of the names, so exports agree between sessions."""
-        from ..cryosparc import _dataset_class, exposures_from_files, exposures_to_specs
+        from ..cryosparc.data import _dataset_class, exposures_from_files, exposures_to_specs
 
         if self._exposures is None or any("uid" not in s.extra for s in self.specs.values()):
             specs = list(self.specs.values())
@@ -521,7 +521,7 @@ class LabellingController:
             write_topaz(path, picks)
             return [path]
         if fmt == ".star":
-            from ..relion import coordinates_frame
+            from ..relion.coordinates import coordinates_frame
 
             frames = []
             for p in picks:
@@ -531,7 +531,7 @@ class LabellingController:
             write_star(path, {"particles": pd.concat(frames, ignore_index=True)})
             return [path]
         if fmt == ".cs":
-            from ..cryosparc import PickRows, picks_to_dataset, save_dataset
+            from ..cryosparc.data import PickRows, picks_to_dataset, save_dataset
 
             specs = self._cs_specs()
             rows = [PickRows(specs[p.name], p.x, p.y, p.score) for p in picks]
@@ -563,7 +563,7 @@ class LabellingController:
             return out
 
         if fmt == ".star":
-            from ..relion import NEGATIVE_SELECTION_TYPE, POSITIVE_SELECTION_TYPE, coordinates_frame
+            from ..relion.coordinates import NEGATIVE_SELECTION_TYPE, POSITIVE_SELECTION_TYPE, coordinates_frame
 
             frames = []
             for lab, st in ((1, POSITIVE_SELECTION_TYPE), (0, NEGATIVE_SELECTION_TYPE)):
@@ -581,7 +581,7 @@ class LabellingController:
             if fmt == ".txt":
                 write_topaz(target, [p for p in picks_of(lab) if len(p)])
             elif fmt == ".cs":
-                from ..cryosparc import PickRows, picks_to_dataset, save_dataset
+                from ..cryosparc.data import PickRows, picks_to_dataset, save_dataset
 
                 specs = self._cs_specs()
                 unknown = sorted({l.micrograph for l in labels} - set(specs))
@@ -617,7 +617,7 @@ class LabellingController:
         source = f"import:{path.name}"
         default = 1 if label is None else int(label)
         if fmt == ".cs":
-            from ..cryosparc import load_dataset, particles_to_labels
+            from ..cryosparc.data import load_dataset, particles_to_labels
 
             labs, unmatched = particles_to_labels(load_dataset(path, "particles"), list(self._cs_specs().values()),
                                                   default, self.round, source)
@@ -626,7 +626,7 @@ class LabellingController:
             table = pd.DataFrame([l.__dict__ for l in LabelStore(path).effective()],
                                  columns=["micrograph", "x", "y", "label"])
         elif fmt == ".star":
-            from ..relion import read_picks_table
+            from ..relion.coordinates import read_picks_table
 
             table = read_picks_table(path, self.project_dir or ".",
                                      lambda n: self.pixel_size_of(self.resolve(n)) if self.resolve(n) else None)

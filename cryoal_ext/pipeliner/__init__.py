@@ -7,6 +7,6 @@ registered in pyproject.toml and need the ``pipeliner`` extra (``pip install -e 
   round (labels from the reviewed queries), and a final run picks every micrograph.
 * ``cryoal.autopick.predict``: picks every micrograph with a saved model; no labels.
 
-Both run the RELION External job's entry point (``python -m cryoal_ext.relion_job``) with the same
+Both run the RELION External job's entry point (``python -m cryoal_ext.relion``) with the same
 arguments: one engine and one set of review rules for RELION and the pipeliner.  See docs/pipeliner.md.
 """

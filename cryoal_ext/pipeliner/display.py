@@ -50,7 +50,8 @@ def overlays(job_dir: str, summary: dict) -> list[ResultsDisplayObject]:
 
 def fom_values(coordinate_list: Path) -> list[float]:
     """rlnAutopickFigureOfMerit of every coordinate in a coordinate list (empty when there is none)."""
-    from ..relion import RelionError, read_coordinate_list, read_star
+    from ..relion.star import RelionError, read_star
+    from ..relion.coordinates import read_coordinate_list
 
     values: list[float] = []
     try:

@@ -20,7 +20,7 @@ from pipeliner.results_display_objects import ResultsDisplayObject
 from . import display
 from .options import MODEL_KWDS, add_active_learning, add_predict, is_final, relion_job_arguments
 
-ENTRY_POINT = ["python3", "-m", "cryoal_ext.relion_job"]
+ENTRY_POINT = ["python3", "-m", "cryoal_ext.relion"]
 DOCS = "docs/pipeliner.md in the cryoal_ext source tree"
 
 TOPAZ = Ref(

@@ -1,6 +1,6 @@
 """The job options of our pipeliner jobs, and how each becomes an argument of the RELION job.
 
-Each option maps to exactly one ``--flag`` of ``cryoal_ext.relion_job`` (``FLAGS``), so the
+Each option maps to exactly one ``--flag`` of ``python -m cryoal_ext.relion`` (``FLAGS``), so the
 pipeliner job has no settings of its own that the RELION job does not understand.
 """
 from __future__ import annotations

@@ -19,14 +19,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .acquisition import Proposal
-from .atomic import atomic_path
-from .coords import from_fraction, outside, to_fraction
-from .io import micrograph_name
-from .labels import Label
-from .session import Edited
-from .validate import PIXEL_SIZE_RANGE
-from .workflow import MicrographSpec
+from ..acquisition import Proposal
+from ..atomic import atomic_path
+from ..coords import from_fraction, outside, to_fraction
+from ..io import micrograph_name
+from ..labels import Label
+from ..session import Edited
+from ..validate import PIXEL_SIZE_RANGE
+from ..workflow import MicrographSpec
 
 # fields of a particle output, as cryoSPARC's pickers and Extract From Micrographs have them
 LOCATION_FIELDS: list[tuple] = [
