@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "cryoal_ext" / "example_data" / "empiar10028_small"
 MICS = EXAMPLE / "micrographs"
 RADIUS = 28.0
-WAIT_MS = 180_000
+WAIT_MS = 600_000  # a worker featurising 1024^2 micrographs with 8 views on 2 busy cores takes minutes
 
 
 def truth(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
