@@ -464,19 +464,25 @@ def test_realdata_recall_at_suggested_threshold(tmp_path, cache_dir, dataset):
     assert recall > 0.7 and precision > 0.4
 
 
+def reviewed_once(root: Path, cache: str) -> tuple[dict, str]:
+    """Round 0 (one view, 6 queries), the queries edited in RELION's picker, round 1; its queries left unopened."""
+    proj = make_project(root, EXAMPLE, 50001)
+    base = (f"--in_mics {proj['star']} --diameter {DIAMETER:.1f} --batch 6 --train_micrographs 2 "
+            "--feature_model resnet16_u32")
+    assert run(root, base, cache) == {"RELION_JOB_EXIT_SUCCESS"}, text(root, "run.err")
+    for name, f in coordinate_list(root, JOB + "queries.star").items():
+        picker_edit(f, proj["truth"][stem(name)], 50001)
+    assert run(root, base, cache) == {"RELION_JOB_EXIT_SUCCESS"}, text(root, "run.err")
+    return proj, base
+
+
 def test_continued_session_never_turns_unopened_files_into_labels(tmp_path, cache_dir):
     """Issue 12: a NEW job continuing an earlier job's session; the earlier job's last queries stay unopened.
 
     Each run's labels must be exactly the edits made, in any job, and none from the unopened files,
     however often the continuing job runs.
     """
-    proj = make_project(tmp_path, EXAMPLE, 50001)
-    base = (f"--in_mics {proj['star']} --diameter {DIAMETER:.1f} --batch 6 --train_micrographs 2 "
-            "--feature_model resnet16_u32")
-    assert run(tmp_path, base, cache_dir) == {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err")
-    for name, f in coordinate_list(tmp_path, JOB + "queries.star").items():
-        picker_edit(f, proj["truth"][stem(name)], 50001)
-    assert run(tmp_path, base, cache_dir) == {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err")
+    proj, base = reviewed_once(tmp_path, cache_dir)
     after_job5 = pd.read_csv(tmp_path / JOB / "labels.tsv", sep="\t")
     assert len(after_job5) > 0  # round 1's queries of job005 are now left unopened
     job7 = "External/job007/"
@@ -504,13 +510,7 @@ def test_continued_session_never_turns_unopened_files_into_labels(tmp_path, cach
 def test_lost_session_json_is_refused_and_repaired(tmp_path, cache_dir):
     """Issue 12: a job folder without session.json is refused (labels kept); `cryoal session --repair`
     rebuilds it from the folder, and the next run neither re-applies the review nor reads the unopened queries."""
-    proj = make_project(tmp_path, EXAMPLE, 50001)
-    base = (f"--in_mics {proj['star']} --diameter {DIAMETER:.1f} --batch 6 --train_micrographs 2 "
-            "--feature_model resnet16_u32")
-    assert run(tmp_path, base, cache_dir) == {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err")
-    for name, f in coordinate_list(tmp_path, JOB + "queries.star").items():
-        picker_edit(f, proj["truth"][stem(name)], 50001)
-    assert run(tmp_path, base, cache_dir) == {"RELION_JOB_EXIT_SUCCESS"}, text(tmp_path, "run.err")
+    proj, base = reviewed_once(tmp_path, cache_dir)
     labels = (tmp_path / JOB / "labels.tsv").read_bytes()
     (tmp_path / JOB / "session.json").unlink()
     assert run(tmp_path, base, cache_dir) == {"RELION_JOB_EXIT_FAILURE"}
