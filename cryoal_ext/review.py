@@ -136,6 +136,11 @@ class Answer:
     def tag(self) -> str:
         return f"{TAG_SEP}{'p' if self.independent else 'r'}{self.round:03d}.{self.digest[:10]}"
 
+    @property
+    def store_key(self) -> tuple[str, str]:
+        """How its labels' tags are found again in the store (see _tags_in_store)."""
+        return (self.micrograph, "p" if self.independent else f"r{self.round:03d}")
+
 
 @dataclass
 class Outcome:
@@ -191,7 +196,6 @@ def apply_answers(session, answers: list[Answer], radius_of: Callable[[str], flo
     stored = _tags_in_store(session.labels.labels)
     match_of = match_px or (lambda m: max(1.0, 0.2 * radius_of(m)))
     out = Outcome()
-    todo: list[tuple[Answer, list[Label]]] = []
     shown_cache: dict[int, list[Proposal]] = {}
     seen: dict[str, str] = {}
     for a in answers:
@@ -200,7 +204,7 @@ def apply_answers(session, answers: list[Answer], radius_of: Callable[[str], flo
             raise ReviewError(f"{a.source}: two different answers to the proposals of round {a.round} on "
                               f"{a.micrograph} in one run; give one")
         prev = ledger.get(a.key)
-        in_store = stored.get((a.micrograph, "p" if a.independent else a.tag[1:5]), set())
+        in_store = stored.get(a.store_key, set())
         if prev is None and in_store:  # labels written but not the ledger (a killed run), or ledger lost
             if d[:10] in in_store:
                 prev = ledger[a.key] = {"answer": d, "source": a.source, "round_applied": session.round,
@@ -232,8 +236,6 @@ def apply_answers(session, answers: list[Answer], radius_of: Callable[[str], flo
                         f"{a.round}, and {again} of its {a.edited.x.size} picks are labels already given: it looks "
                         f"like the review of an earlier round. Review round {a.round}'s queries instead")
             labs = diff_edits(shown, {a.micrograph: a.edited}, radius_of(a.micrograph), session.round, source=tagged)
-        todo.append((a, labs))
-    for a, labs in todo:
         out.labels += labs
         out.applied.append(a)
     out.added = session.labels.add(out.labels + list(extra))  # saved first: a kill now is recognised by the tags
