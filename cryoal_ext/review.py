@@ -11,7 +11,7 @@ once.  The session keeps a ledger of the answers applied (``session.json`` ``rev
 label it adds carries a tag naming the round and the answer, so a run killed between writing the
 labels and the ledger is recognised too.  The same answer again is a no-op; a different answer
 to proposals already answered is refused; an answer that keeps none of its round's proposals and
-repeats labels already given is refused as the review of an earlier round.
+is, pick for pick, an answer applied to an earlier round is refused as that earlier review again.
 """
 from __future__ import annotations
 
@@ -195,6 +195,7 @@ def apply_answers(session, answers: list[Answer], radius_of: Callable[[str], flo
     ledger: dict = session.state.setdefault("reviews", {})
     stored = _tags_in_store(session.labels.labels)
     match_of = match_px or (lambda m: max(1.0, 0.2 * radius_of(m)))
+    earlier = _answers_applied(ledger, stored)
     out = Outcome()
     shown_cache: dict[int, list[Proposal]] = {}
     seen: dict[str, str] = {}
@@ -227,14 +228,12 @@ def apply_answers(session, answers: list[Answer], radius_of: Callable[[str], flo
             if a.round not in shown_cache:
                 shown_cache[a.round] = session.shown(a.round)
             shown = [p for p in shown_cache[a.round] if p.micrograph == a.micrograph]
-            mp = match_of(a.micrograph)
-            if shown and a.edited.x.size and kept_count(shown, a.edited, mp) == 0:
-                again = _repeats_labels(a.edited, session.labels.effective(), a.micrograph, mp)
-                if again >= max(1, a.edited.x.size // 2):
-                    raise ReviewError(
-                        f"{a.source}: on {a.micrograph} it keeps none of the {len(shown)} proposals of round "
-                        f"{a.round}, and {again} of its {a.edited.x.size} picks are labels already given: it looks "
-                        f"like the review of an earlier round. Review round {a.round}'s queries instead")
+            before = earlier.get((a.micrograph, d[:10]))
+            if shown and a.edited.x.size and before is not None and kept_count(shown, a.edited, match_of(a.micrograph)) == 0:
+                raise ReviewError(
+                    f"{a.source}: on {a.micrograph} it keeps none of the {len(shown)} proposals of round {a.round} "
+                    f"and is, pick for pick, the answer already applied to the proposals of round {before}: it is "
+                    f"that earlier review again. Review round {a.round}'s queries instead")
             labs = diff_edits(shown, {a.micrograph: a.edited}, radius_of(a.micrograph), session.round, source=tagged)
         out.labels += labs
         out.applied.append(a)
@@ -247,9 +246,14 @@ def apply_answers(session, answers: list[Answer], radius_of: Callable[[str], flo
     return out
 
 
-def _repeats_labels(ed: Edited, labels: list[Label], micrograph: str, match_px: float) -> int:
-    pts = np.array([(l.x, l.y) for l in labels if l.micrograph == micrograph], float)
-    if not pts.size:
-        return 0
-    d, _ = cKDTree(pts).query(np.c_[np.asarray(ed.x, float), np.asarray(ed.y, float)])
-    return int((d <= match_px).sum())
+def _answers_applied(ledger: dict, stored: dict[tuple[str, str], set[str]]) -> dict[tuple[str, str], int]:
+    """(micrograph, answer digest prefix) -> the round it answered, for every review applied so far."""
+    out = {}
+    for key, v in ledger.items():
+        rnd, _, mic = key.partition("/")
+        if rnd.isdigit():
+            out[(mic, str(v.get("answer", ""))[:10])] = int(rnd)
+    for (mic, rtag), digests in stored.items():
+        if rtag.startswith("r") and rtag[1:].isdigit():
+            out.update({(mic, d): int(rtag[1:]) for d in digests})
+    return out
