@@ -122,8 +122,11 @@ def training_splits(names: list[str], s: BenchmarkSettings) -> list[list[str] | 
 
 
 def run_one(s: BenchmarkSettings, recipe: Recipe, seed: int, data, progress=print, picks_out: str | None = None,
-            train: list[str] | None = None) -> dict:
-    """One seed of one recipe (on ``train``, or micrographs the seed draws): the JSON record of the issue's format."""
+            train: list[str] | None = None, labels_at: dict | None = None) -> dict:
+    """One seed of one recipe (on ``train``, or micrographs the seed draws): the JSON record of the issue's format.
+
+    ``labels_at``: filled with the answers collected by each budget (for peers trained on the same labels).
+    """
     items_all, truth, shapes = data["items"], data["truth"], data["shapes"]
     names = sorted(items_all)
     rng = np.random.default_rng(seed)
@@ -157,6 +160,8 @@ def run_one(s: BenchmarkSettings, recipe: Recipe, seed: int, data, progress=prin
             labels += oracle.answer(props, rnd)
             learner.fit(labels)
             rnd += 1
+        if labels_at is not None:
+            labels_at[budget] = list(labels)
         picks = [learner.picks(items_all[n].mic, items_all[n].fmap) for n in evals]
         ev = _evaluate(picks, truth, s, shapes)
         rec_b = {"raw": threshold_stats(ev)}
