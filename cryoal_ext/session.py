@@ -20,7 +20,7 @@ from .atomic import atomic_path, write_json
 from .labels import LabelStore
 from .review import Edited, diff_edits, shown_digests  # noqa: F401  (Edited, diff_edits: re-exported)
 
-__all__ = ["Edited", "Session", "SessionError", "STATE_FORMAT", "diff_edits"]
+__all__ = ["Edited", "ProposalFiles", "Session", "SessionError", "STATE_FORMAT", "diff_edits"]
 
 STATE_FORMAT = "cryoal_ext.session/1"
 _ROUND_FILE = re.compile(r"round_(\d{3,})\.tsv$")
@@ -30,12 +30,50 @@ class SessionError(ValueError):
     """The session folder is inconsistent; the message names what and how to recover."""
 
 
+class ProposalFiles:
+    """The proposals each round showed, one TSV per round under ``proposals/``: files only, no state.
+
+    Kept apart from Session so that a folder whose session.json is lost can still be read (``cryoal
+    session --repair``) without the checks that refuse it.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+
+    def path(self, round_: int) -> Path:
+        return self.folder / "proposals" / f"round_{round_:03d}.tsv"
+
+    def rounds(self) -> list[int]:
+        d = self.folder / "proposals"
+        return sorted(int(m.group(1)) for f in d.glob("round_*.tsv") if (m := _ROUND_FILE.search(f.name))) \
+            if d.is_dir() else []
+
+    def save(self, round_: int, proposals: list[Proposal]) -> Path:
+        path = self.path(round_)
+        df = pd.DataFrame([p.__dict__ for p in proposals], columns=["micrograph", "x", "y", "score", "kind"])
+        with atomic_path(path) as tmp:
+            df.to_csv(tmp, sep="\t", index=False, float_format="%.3f")
+        return path
+
+    def load(self, round_: int) -> list[Proposal]:
+        path = self.path(round_)
+        if not path.exists():
+            return []
+        try:
+            df = pd.read_csv(path, sep="\t", dtype={"micrograph": str, "kind": str}, keep_default_na=False)
+            return [Proposal(str(r.micrograph), float(r.x), float(r.y), float(r.score), str(r.kind))
+                    for r in df.itertuples(index=False)]
+        except (ValueError, AttributeError, pd.errors.ParserError) as exc:
+            raise SessionError(f"{path}: cannot read the proposals of round {round_} ({exc})") from None
+
+
 class Session:
     """The folder of one labelling session (a RELION job folder, a cryoSPARC job's work folder, ...)."""
 
     def __init__(self, folder: str | os.PathLike, check: bool = True):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.proposal_files = ProposalFiles(self.folder)
         self.state_path = self.folder / "session.json"
         self.state = self._read_state()
         self.labels = LabelStore(self.folder / "labels.tsv", on_save=self._labels_saved)
@@ -110,32 +148,19 @@ class Session:
 
     # -- proposals shown ----------------------------------------------------------------------
     def proposals_path(self, round_: int) -> Path:
-        return self.folder / "proposals" / f"round_{round_:03d}.tsv"
+        return self.proposal_files.path(round_)
 
     def proposal_rounds(self) -> list[int]:
-        d = self.folder / "proposals"
-        return sorted(int(m.group(1)) for f in d.glob("round_*.tsv") if (m := _ROUND_FILE.search(f.name))) \
-            if d.is_dir() else []
+        return self.proposal_files.rounds()
 
     def save_proposals(self, round_: int, proposals: list[Proposal]) -> Path:
-        path = self.proposals_path(round_)
-        df = pd.DataFrame([p.__dict__ for p in proposals], columns=["micrograph", "x", "y", "score", "kind"])
-        with atomic_path(path) as tmp:
-            df.to_csv(tmp, sep="\t", index=False, float_format="%.3f")
+        path = self.proposal_files.save(round_, proposals)
         self.state.setdefault("shown", {})[str(round_)] = shown_digests(self.load_proposals(round_))
         self.save_state()
         return path
 
     def load_proposals(self, round_: int) -> list[Proposal]:
-        path = self.proposals_path(round_)
-        if not path.exists():
-            return []
-        try:
-            df = pd.read_csv(path, sep="\t", dtype={"micrograph": str, "kind": str}, keep_default_na=False)
-            return [Proposal(str(r.micrograph), float(r.x), float(r.y), float(r.score), str(r.kind))
-                    for r in df.itertuples(index=False)]
-        except (ValueError, AttributeError, pd.errors.ParserError) as exc:
-            raise SessionError(f"{path}: cannot read the proposals of round {round_} ({exc})") from None
+        return self.proposal_files.load(round_)
 
     def shown(self, round_: int) -> list[Proposal]:
         """The proposals of ``round_`` as they were shown; refused if the file changed or vanished since."""

@@ -9,7 +9,7 @@ from ..atomic import folder_lock, write_json
 from ..io import file_digest
 from ..labels import LabelStore
 from ..review import shown_digests
-from ..session import STATE_FORMAT, Session, SessionError
+from ..session import STATE_FORMAT, ProposalFiles, Session, SessionError
 
 
 def add_arguments(p) -> None:
@@ -27,13 +27,12 @@ def rebuild_state(folder: Path) -> dict:
     none can be applied twice; for a RELION job the files we wrote are recognised from our own
     copies under rounds/, so unopened files stay unopened.
     """
-    probe = Session.__new__(Session)  # only the folder helpers, no state read or check
-    probe.folder = folder
-    rounds = probe.proposal_rounds()
+    files = ProposalFiles(folder)  # files only: the state is what is being rebuilt
+    rounds = files.rounds()
     labels = LabelStore(folder / "labels.tsv")
     state = {"format": STATE_FORMAT, "round": rounds[-1] + 1 if rounds else 0, "history": [],
              "label_rows": len(labels), "reviews": {}, "repaired": True,
-             "shown": {str(r): shown_digests(probe.load_proposals(r)) for r in rounds}}
+             "shown": {str(r): shown_digests(files.load(r)) for r in rounds}}
     copies = sorted(folder.glob("rounds/round_*/queries"))
     if copies:  # a RELION job: the per-micrograph queries files we wrote, newest round last
         project = folder.parent.parent
