@@ -334,15 +334,15 @@ def pipeline_table(data: Path, device: str, a) -> dict:
             link = folder / f"r{i:04d}_{f.name}"
             link.symlink_to(f.resolve())
             files.append(link)
-        for spec in a.pipeline_configs.split(","):
+        for i_cfg, spec in enumerate(a.pipeline_configs.split(",")):
             b, p, vb, st, *rd = spec.split(":")
             cfg = {"batch": int(b), "precision": p, "view_batch": int(vb), "stages": st,
                    "readers": int(rd[0]) if rd else None}
             net = picking_net(None, fm, device, precision=p, channels_last=cuda, view_batch=int(vb))
             backbone_seconds(work[: cfg["batch"]], device=device, batch_size=cfg["batch"], net=net)  # warm-up
             before = backbone_seconds(work, device=device, batch_size=cfg["batch"], net=net)
-            run_predict_command(files[: min(2, n)], tmp / "warm", device, fm, wps, radius, cfg)  # warm-up
-            e2e, stages, text = run_predict_command(files, tmp / "out", device, fm, wps, radius, cfg)
+            run_predict_command(files[: min(2, n)], tmp / f"warm{i_cfg}", device, fm, wps, radius, cfg)  # warm-up
+            e2e, stages, text = run_predict_command(files, tmp / f"out{i_cfg}", device, fm, wps, radius, cfg)
             after = backbone_seconds(work, device=device, batch_size=cfg["batch"], net=net)
             del net
             net_s = 0.5 * (before + after)
