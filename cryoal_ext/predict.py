@@ -174,8 +174,9 @@ def picking_net(model: BLR | None, feature_model: str = DEFAULT_FEATURE_MODEL, d
 
     ``precision`` 'fp16' (CUDA only) or 'bf16' runs the backbone under autocast; ``half`` is
     shorthand for 'fp16'.  ``view_batch`` N > 0 stacks the views of a ``+viewsK`` model into
-    passes of at most N images (``features.view_mean_batched``); 0 runs them one by one.  A private copy of the backbone, so the shared one
-    (features.load_pretrained) is never changed by the head or the memory format.
+    passes of at most N images (``features.view_mean_batched``); 0 runs them one by one.  A
+    private copy of the backbone, so the shared one (features.load_pretrained) is never changed
+    by the head or the memory format.
     """
     import torch
 
