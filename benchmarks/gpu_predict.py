@@ -23,6 +23,13 @@ Per feature model (``--feature-models``, default resnet16_u32):
 * **CPU on the same machine** (``--cpu-n N``): the same network on the CPU, float32, batch 1,
   all cores.
 
+**Issue 15, part 2** (``--pipeline N``; only this part runs): network only against the real
+``cryoal predict`` (read, Fourier crop, normalise, network, NMS, writing) in one run, on N files
+(the real ones of ``--pipeline-set``, repeated under new names) at ``--pipeline-wps`` (``native``:
+1024^2, nothing to crop; ``8``: 686^2 for 10028, a real crop), Topaz's head, per config
+batch:precision:view_batch:stages; prints both rates, their ratio (target >= 0.7) and the
+per-stage milliseconds per micrograph, and writes them to ``--out``.
+
 Precisions: ``fp32`` is torch's default on the device (on CUDA, cuDNN may use TF32 for float32
 convolutions: ``torch.backends.cudnn.allow_tf32`` is True by default); ``fp32-strict`` turns TF32
 off (CUDA only, the exact reference); ``fp16`` / ``bf16`` run the backbone under autocast, the
@@ -32,6 +39,9 @@ head in float32 (``predict.picking_net``).  fp16 is refused on the CPU.
     python benchmarks/gpu_predict.py --feature-models resnet16_u32,resnet16_u64 --e2e 64
     python benchmarks/gpu_predict.py --device cpu --timed 2 --repeats 1 --batch-sizes 1,2 \\
         --precisions fp32,bf16 --cpu-n 0 --ap-sets blr_10028     # a small CPU run (tests the script)
+    python benchmarks/gpu_predict.py --pipeline 64 --pipeline-wps native      # issue 15: network vs end to end, GPU
+    python benchmarks/gpu_predict.py --device cpu --pipeline 2 --pipeline-wps 32 \
+        --pipeline-model resnet16_u32+views2 --pipeline-configs 1:fp32:8:on,1:fp32:0:off   # its CPU dry run
 """
 from __future__ import annotations
 
@@ -247,6 +257,108 @@ def e2e_table(files: list[Path], model, feature_model: str, device: str, wps: di
     return rows
 
 
+STAGES = ("read", "crop", "normalise", "network", "nms", "write")
+
+
+def run_predict_command(files: list[Path], out: Path, device: str, fm: str, wps: float, radius: float, cfg: dict) -> tuple[float, dict, str]:
+    """`cryoal predict` in-process (writes included): (seconds, seconds per stage summed, its output)."""
+    import contextlib
+    import io as _io
+
+    from cryoal_ext import cli
+
+    args = ["predict", *map(str, files), "--radius-px", str(radius), "--out-dir", str(out), "--no-progress",
+            "--overwrite", "--device", device, "--feature-model", fm, "--working-pixel-size", str(wps),
+            "--batch-size", str(cfg["batch"]), "--precision", cfg["precision"], "--view-batch", str(cfg["view_batch"]),
+            "--gpu-crop", cfg["stages"], "--device-nms", cfg["stages"], "--format", "txt"]
+    if cfg.get("readers"):
+        args += ["--readers", str(cfg["readers"])]
+    buf = _io.StringIO()
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(args)
+    dt = time.perf_counter() - t
+    if rc != 0:
+        raise RuntimeError(f"cryoal predict failed (rc {rc}):\n{buf.getvalue()}")
+    line = next((ln for ln in buf.getvalue().splitlines() if ln.startswith("seconds per stage")), "")
+    stages = {k: float(v) for k, v in (x.rsplit(" ", 1) for x in line.split(": ", 1)[-1].split(", ") if " " in x)}
+    return dt, stages, buf.getvalue()
+
+
+def pipeline_table(data: Path, device: str, a) -> dict:
+    """Issue 15, part 2: network only vs `cryoal predict` end to end, same micrographs and settings, one run.
+
+    Per config (batch:precision:view_batch:stages, stages = auto|on|off for the GPU crop + device NMS):
+    the network alone (``backbone_seconds``, the working images in memory, the same ``picking_net``
+    settings) before and after `cryoal predict` over N files (the real ones, repeated under new
+    names; a 2-file warm-up run first, so cuDNN's autotuning is not in the timing); the ratio is
+    end-to-end rate / network-only rate (the mean of the two network timings).
+    """
+    import tempfile
+
+    import torch
+
+    from cryoal_ext.io import load_micrograph
+    from cryoal_ext.predict import backbone_seconds, picking_net
+
+    keys = ["10028", "10017"] if a.pipeline_set == "both" else [a.pipeline_set]
+    src = [f for k in keys for f in dataset_files(data, k)]
+    if not src:
+        raise SystemExit(f"no micrographs for --pipeline-set {a.pipeline_set} under {data}")
+    if a.pipeline_wps == "native":
+        if len(keys) > 1:
+            raise SystemExit("--pipeline-set both needs a numeric --pipeline-wps (the sets differ in pixel size)")
+        wps = header_pixel_size(src[0])
+    else:
+        wps = float(a.pipeline_wps)
+    radius = SETS[keys[0]][1]
+    fm = a.pipeline_model
+    n = a.pipeline
+    cuda = device.startswith("cuda")
+    mics = [load_micrograph(f, wps) for f in src]
+    images = [m.image for m in mics]
+    work = [images[i % len(images)] for i in range(n)]
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as stream_predict sets it
+    out: dict = {"micrographs": n, "sources": [f.name for f in src], "working_pixel_size": wps,
+                 "working_shapes": [list(s) for s in sorted({im.shape for im in images})], "feature_model": fm, "radius_px": radius,
+                 "head": "Topaz's pretrained head (same network cost as a BLR head)", "configs": []}
+    log(f"pipeline: {n} micrographs from {[f.name for f in src]} at {wps:.2f} A/px -> {out['working_shapes']}, {fm}")
+    with tempfile.TemporaryDirectory(prefix="cryoal_gpu_pipeline_") as tmpd:
+        tmp = Path(tmpd)
+        folder = tmp / "mics"
+        folder.mkdir()
+        files = []
+        for i in range(n):
+            f = src[i % len(src)]
+            link = folder / f"r{i:04d}_{f.name}"
+            link.symlink_to(f.resolve())
+            files.append(link)
+        for i_cfg, spec in enumerate(a.pipeline_configs.split(",")):
+            b, p, vb, st, *rd = spec.split(":")
+            cfg = {"batch": int(b), "precision": p, "view_batch": int(vb), "stages": st,
+                   "readers": int(rd[0]) if rd else None}
+            net = picking_net(None, fm, device, precision=p, channels_last=cuda, view_batch=int(vb))
+            backbone_seconds(work[: cfg["batch"]], device=device, batch_size=cfg["batch"], net=net)  # warm-up
+            before = backbone_seconds(work, device=device, batch_size=cfg["batch"], net=net)
+            run_predict_command(files[: min(2, n)], tmp / f"warm{i_cfg}", device, fm, wps, radius, cfg)  # warm-up
+            e2e, stages, text = run_predict_command(files, tmp / f"out{i_cfg}", device, fm, wps, radius, cfg)
+            after = backbone_seconds(work, device=device, batch_size=cfg["batch"], net=net)
+            del net
+            net_s = 0.5 * (before + after)
+            row = {**cfg, "network_only_s": [round(before, 3), round(after, 3)], "network_mic_per_s": round(n / net_s, 3),
+                   "end_to_end_s": round(e2e, 3), "end_to_end_mic_per_s": round(n / e2e, 3),
+                   "ratio_end_to_end_over_network_rate": round(net_s / e2e, 3),
+                   "stage_seconds_summed": {k: round(stages[k], 3) for k in STAGES if k in stages},
+                   "stage_ms_per_micrograph": {k: round(1000 * stages[k] / n, 2) for k in STAGES if k in stages},
+                   "command_output": text.strip().splitlines()[-3:]}
+            out["configs"].append(row)
+            log(f"  {spec}: network only {row['network_mic_per_s']:.2f} mic/s, end to end "
+                f"{row['end_to_end_mic_per_s']:.2f} mic/s, ratio {row['ratio_end_to_end_over_network_rate']:.3f}; "
+                "ms per micrograph (overlapping): " + ", ".join(f"{k} {v:.1f}" for k, v in row["stage_ms_per_micrograph"].items()))
+    return out
+
+
 def machine(device: str) -> dict:
     import torch
 
@@ -278,6 +390,15 @@ def main() -> int:
     ap.add_argument("--skip-network", action="store_true", help="no network timings (AP / end-to-end / CPU only)")
     ap.add_argument("--cpu-n", type=int, default=2, help="images for the CPU figure on this machine (0: skip)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_predict.json"))
+    g = ap.add_argument_group("issue 15, part 2: network only vs cryoal predict end to end (only this part runs)")
+    g.add_argument("--pipeline", type=int, default=0, metavar="N", help="micrographs for the comparison (0: off)")
+    g.add_argument("--pipeline-set", default="10028", choices=("10028", "10017", "both"))
+    g.add_argument("--pipeline-wps", default="native",
+                   help="working pixel size: 'native' (the set's own: 1024^2, nothing to crop) or A/px (e.g. 8: a crop)")
+    g.add_argument("--pipeline-model", default="resnet16_u32+views8")
+    g.add_argument("--pipeline-configs", default=None,
+                   help="batch:precision:view_batch:stages[:readers],... stages = auto|on|off (GPU crop + device NMS); "
+                        "default on CUDA 1:fp16:8:auto,4:fp16:8:auto,4:fp16:0:auto,4:fp16:0:off")
     a = ap.parse_args()
 
     import torch
@@ -288,6 +409,25 @@ def main() -> int:
     device = resolve_device(a.device)
     cuda = device.startswith("cuda")
     data = Path(a.data)
+    if a.pipeline > 0:
+        a.pipeline_configs = a.pipeline_configs or ("1:fp16:8:auto,4:fp16:8:auto,4:fp16:0:auto,4:fp16:0:off" if cuda
+                                                    else "1:fp32:8:on,1:fp32:0:off")
+        result = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+                  "machine": machine(device), "data": str(data)}
+        log("machine:", json.dumps(result["machine"]))
+        result["pipeline"] = pipeline_table(data, device, a)
+        write_json(a.out, result)
+        log("\nconfig (batch:precision:view_batch:stages)   network mic/s   end-to-end mic/s   ratio   "
+            + "   ".join(f"{k} ms" for k in STAGES))
+        for r in result["pipeline"]["configs"]:
+            spec = f"{r['batch']}:{r['precision']}:{r['view_batch']}:{r['stages']}"
+            log(f"{spec:44s}{r['network_mic_per_s']:14.2f}{r['end_to_end_mic_per_s']:19.2f}"
+                f"{r['ratio_end_to_end_over_network_rate']:8.3f}   "
+                + "   ".join(f"{r['stage_ms_per_micrograph'].get(k, float('nan')):{len(k) + 3}.1f}" for k in STAGES))
+        log("(stage ms are per micrograph, summed over the stream: reading, the network and NMS + writing overlap; "
+            "ratio = end-to-end rate / network-only rate, target >= 0.7)")
+        log(f"-> {a.out}")
+        return 0
     precisions = (a.precisions or ("fp32,fp32-strict,fp16,bf16" if cuda else "fp32,bf16")).split(",")
     batch_sizes = [int(v) for v in a.batch_sizes.split(",")]
     timed = a.timed or (64 if cuda else 2)

@@ -143,9 +143,15 @@ def extract_picks(
 
     ``radius_px`` is in original pixels; ``threshold`` is a probability.  ``min_score`` drops the
     hopeless tail so files stay small (it is far below any threshold a user would choose).
+    ``logits`` may be a torch tensor: the NMS then runs on its device (``nms_torch``, same picks).
     """
     floor = max(threshold or 0.0, min_score)
     logit_floor = float(np.log(floor / (1.0 - floor))) if 0 < floor < 1 else None
-    iy, ix, v = nms(logits, frame.radius_to_working(radius_px), threshold=logit_floor)
+    if isinstance(logits, np.ndarray):
+        iy, ix, v = nms(logits, frame.radius_to_working(radius_px), threshold=logit_floor)
+    else:
+        from .nms_torch import nms_torch
+
+        iy, ix, v = nms_torch(logits, frame.radius_to_working(radius_px), threshold=logit_floor)
     x, y = frame.to_original(ix, iy)
     return Picks(name, x, y, sigmoid(v))

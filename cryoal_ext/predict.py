@@ -15,6 +15,11 @@ micrographs there are):
 * the caller's thread: NMS (``extract.extract_picks``) and whatever it does with each result
   (write files), while the next micrograph is on the network.
 
+On CUDA (issue 15, part 2) the Fourier crop runs with torch.fft on the GPU (``gpu_crop``), the
+views of a ``+viewsK`` model are stacked into few forward passes (``view_batch``), and the logit
+maps stay on the GPU for the NMS (``device_nms``: max-pool peaks, the exact greedy walk only on
+what they leave).  Each is selectable and CPU-tested to give the CPU path's picks.
+
 Results come back in input order.  A micrograph that cannot be read is reported (``error``) and
 skipped; anything else stops the stream with the error.
 """
@@ -57,6 +62,10 @@ class PredictSettings:
     min_score: float = 1e-4  # drop the hopeless tail (as extract_picks)
     normalisation: str | None = None  # io.normalise method (None: $CRYOAL_NORMALISATION or 'gmm', the histogram fit)
     gpu_normalise: bool = True  # on CUDA, with normalisation 'gmm-sample': Topaz's fit on the GPU (H100: 1.7x end to end)
+    # issue 15, part 2 (None: on CUDA, off on the CPU, whose outputs stay as they were):
+    gpu_crop: bool | None = None  # Fourier crop with torch.fft on the device (crop_torch; ~1e-6 of the std from numpy's)
+    device_nms: bool | None = None  # NMS on the device (nms_torch: exactly extract.nms's picks)
+    view_batch: int | None = None  # +viewsK: the views stacked into passes of <= N images (None: 8 on CUDA; 0: one by one)
 
 
 @dataclass
@@ -130,18 +139,22 @@ def _net_class():
     if _NET_CLASS is None:
         import torch
 
-        from .features import autocast, view_mean
+        from .features import autocast, view_mean, view_mean_batched
 
         class PickingNet(torch.nn.Module):
             """backbone -> 1x1 head; the backbone under autocast when ``dtype`` is set, the head in float32."""
 
-            def __init__(self, backbone, head, device: str, dtype=None, channels_last: bool = False, views: int = 1):
+            def __init__(self, backbone, head, device: str, dtype=None, channels_last: bool = False, views: int = 1,
+                         view_batch: int = 0):
                 super().__init__()
                 self.backbone, self.head = backbone, head
                 self.device, self.dtype, self.channels_last, self.views = device, dtype, channels_last, views
+                self.view_batch = view_batch  # 0: view by view; N: the views stacked, <= N images per pass
 
             def forward(self, x):
                 # the head is linear: the mean of its logits over the views is the head of the mean features
+                if self.view_batch and self.views > 1:
+                    return view_mean_batched(self.one_view, x, self.views, self.view_batch)
                 return view_mean(self.one_view, x, self.views)
 
             def one_view(self, x):
@@ -156,12 +169,14 @@ def _net_class():
 
 
 def picking_net(model: BLR | None, feature_model: str = DEFAULT_FEATURE_MODEL, device: str = "cpu", half: bool = False,
-                precision: str | None = None, channels_last: bool = False):
+                precision: str | None = None, channels_last: bool = False, view_batch: int = 0):
     """Topaz backbone (dense mode) with the BLR as its 1x1 head: image (N,1,H,W) -> logits (N,1,H,W) float32.
 
     ``precision`` 'fp16' (CUDA only) or 'bf16' runs the backbone under autocast; ``half`` is
-    shorthand for 'fp16'.  A private copy of the backbone, so the shared one
-    (features.load_pretrained) is never changed by the head or the memory format.
+    shorthand for 'fp16'.  ``view_batch`` N > 0 stacks the views of a ``+viewsK`` model into
+    passes of at most N images (``features.view_mean_batched``); 0 runs them one by one.  A
+    private copy of the backbone, so the shared one (features.load_pretrained) is never changed
+    by the head or the memory format.
     """
     import torch
 
@@ -181,7 +196,7 @@ def picking_net(model: BLR | None, feature_model: str = DEFAULT_FEATURE_MODEL, d
         head.weight.copy_(torch.from_numpy(w.astype(np.float32)).view(1, channels, 1, 1))
         head.bias.fill_(float(b))
     net = _net_class()(copy.deepcopy(base.features), head, device, dtype, channels_last,
-                       parse_feature_model(feature_model)[1]).eval()
+                       parse_feature_model(feature_model)[1], max(0, int(view_batch or 0))).eval()
     for prm in net.parameters():
         prm.requires_grad_(False)
     net = net.to(device)
@@ -236,7 +251,11 @@ def stream_predict(
     # H100, 1024^2, resnet16_u32: NHWC gave 1.3x for fp16/bf16 and TF32 float32 (cuDNN's default), but
     # 0.88x with TF32 turned off (benchmarks/README.md, GPU): on by default on CUDA
     channels_last = s.channels_last if s.channels_last is not None else on_cuda
-    net = picking_net(model, s.feature_model, device, precision=precision, channels_last=channels_last)
+    gpu_crop = s.gpu_crop if s.gpu_crop is not None else on_cuda
+    device_nms = s.device_nms if s.device_nms is not None else on_cuda
+    view_batch = s.view_batch if s.view_batch is not None else (8 if on_cuda else 0)
+    net = picking_net(model, s.feature_model, device, precision=precision, channels_last=channels_last,
+                      view_batch=view_batch)
     if on_cuda:
         torch.backends.cudnn.benchmark = True  # one working shape repeats: let cuDNN pick its fastest kernels
     items = [Item(i, k, str(p), n, ps) for i, (k, p, n, ps) in enumerate(inputs)]
@@ -250,7 +269,8 @@ def stream_predict(
         try:
             return it, load_micrograph(it.path, s.working_pixel_size, it.pixel_size, name=it.name,
                                        device=device if on_cuda and s.gpu_normalise else None,
-                                       normalisation=s.normalisation, timings=it.seconds)
+                                       normalisation=s.normalisation, timings=it.seconds,
+                                       crop_device=device if gpu_crop else None)
         except MicrographError as exc:
             return it, exc
 
@@ -290,12 +310,16 @@ def stream_predict(
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
-    def forward(batch: list[tuple[Item, Micrograph]]) -> list[np.ndarray]:
+    def forward(batch: list[tuple[Item, Micrograph]]) -> list:
         x = np.stack([m.image for _, m in batch])[:, None]
         with torch.inference_mode():
             t = torch.from_numpy(x).to(device)
-            z = net(t)[:, 0].float().cpu().numpy()
-        return [z[i] for i in range(len(batch))]
+            z = net(t)[:, 0].float()
+            if not device_nms:
+                z = z.cpu().numpy()
+            elif on_cuda:
+                torch.cuda.synchronize(device)  # the network time is the network's, as when the maps came back
+        return [z[i] for i in range(len(batch))]  # device_nms: tensors on the device, for extract_picks
 
     def compute() -> None:
         # torch initialises a thread's OpenMP team lazily, from the process-wide count at its first
@@ -376,7 +400,8 @@ def stream_predict(
 
 def backbone_seconds(images: list[np.ndarray], model: BLR | None = None, feature_model: str = DEFAULT_FEATURE_MODEL,
                      device: str | None = None, half: bool = False, batch_size: int = 1,
-                     precision: str | None = None, channels_last: bool | None = None, net=None) -> float:
+                     precision: str | None = None, channels_last: bool | None = None, net=None,
+                     view_batch: int = 0) -> float:
     """Bare network time over in-memory working-scale images (the benchmark's reference).
 
     Host -> device copy, forward pass and the logits back to the host, ``batch_size`` images of
@@ -389,7 +414,8 @@ def backbone_seconds(images: list[np.ndarray], model: BLR | None = None, feature
     if channels_last is None:
         channels_last = device.startswith("cuda")
     if net is None:
-        net = picking_net(model, feature_model, device, precision=precision, channels_last=channels_last)
+        net = picking_net(model, feature_model, device, precision=precision, channels_last=channels_last,
+                          view_batch=view_batch)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t = time.perf_counter()

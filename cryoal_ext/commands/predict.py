@@ -48,7 +48,20 @@ def add_arguments(p) -> None:
     p.add_argument("--readers", type=positive_int, default=None,
                    help="threads reading and normalising micrographs (default 1 on CPU, up to 4 on GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("GPU stages (issue 15; each gives the CPU path's picks)")
+    g.add_argument("--view-batch", type=int, default=None, metavar="N",
+                   help="+viewsK models: stack the views into forward passes of at most N images "
+                        "(default 8 on GPU, 0 = view by view, the CPU default)")
+    g.add_argument("--gpu-crop", default="auto", choices=("auto", "on", "off"),
+                   help="Fourier crop with torch.fft on the device (auto: on GPU)")
+    g.add_argument("--device-nms", default="auto", choices=("auto", "on", "off"),
+                   help="NMS on the device, exactly the CPU NMS's picks (auto: on GPU)")
     add_engine_arguments(p)
+
+
+def _switch(value: str | None) -> bool | None:
+    """auto/on/off -> None/True/False (None: the engine's default for the device)."""
+    return {"on": True, "off": False}.get(str(value or "auto"))
 
 
 def _listed(path: Path) -> list[str]:
@@ -118,6 +131,8 @@ def main(args) -> int:
     device = resolve_device(args.device)
     precision = precision_of(args)
     resolve_precision(precision, device)  # refuse fp16 on the CPU before anything is read or written
+    if getattr(args, "view_batch", None) is not None and args.view_batch < 0:
+        raise ValueError(f"--view-batch {args.view_batch}: give 0 (view by view) or a positive number of images")
     model = calibrated(BLR.load(args.model)) if args.model else None  # probabilities as the session calibrated them
     feature_model = model.meta.get("feature_model", args.feature_model) if model else args.feature_model
     if model is not None and given(args, "feature_model") and feature_model != args.feature_model:
@@ -145,7 +160,9 @@ def main(args) -> int:
     todo = [n for n in mine if args.overwrite or not is_complete(out, n, formats)]
     ps = PredictSettings(feature_model=feature_model, working_pixel_size=args.working_pixel_size, device=device,
                          batch_size=batch, precision=precision, prefetch=args.prefetch, readers=args.readers,
-                         threshold=args.threshold, normalisation=resolve_normalisation())
+                         threshold=args.threshold, normalisation=resolve_normalisation(),
+                         view_batch=getattr(args, "view_batch", None), gpu_crop=_switch(getattr(args, "gpu_crop", None)),
+                         device_nms=_switch(getattr(args, "device_nms", None)))
     print(f"shard {shard}: {len(mine)} of {len(by_name)} micrographs, {len(mine) - len(todo)} already done, "
           f"{len(todo)} to pick on {device} (batch {batch}, {precision})")
     t = time.perf_counter()
@@ -170,7 +187,7 @@ def main(args) -> int:
     print(f"picked {len(todo) - failed} micrograph(s) in {dt:.1f} s{rate}" + (f"; {failed} unreadable" if failed else ""))
     if stages:  # summed over micrographs; reading, the network and NMS + writing run at the same time
         order = ("read", "crop", "normalise", "network", "nms", "write")
-        print("seconds per stage (overlapping): " + ", ".join(f"{k} {stages[k]:.2f}" for k in order if k in stages))
+        print("seconds per stage (overlapping): " + ", ".join(f"{k} {stages[k]:.3f}" for k in order if k in stages))
     if shard.count > 1:
         print(f"when every shard has finished: cryoal merge {out}")
         return 1 if failed else 0
