@@ -40,6 +40,7 @@ VARIANTS = {
     "seed": ("seed", {}),
     "seed_careful": ("seed", {}),  # same recipe; run with --oracle careful to separate oracle from recipe
     "default": ("default", {}),
+    "evidence": ("evidence", {}),  # the default, its prior strength (l2 and pseudo weight) chosen by the evidence
 }
 
 

@@ -3,6 +3,7 @@
 
     python benchmarks/accuracy_table.py views8 views8_literal
     python benchmarks/accuracy_table.py --splits benchmarks/results/splits_10028_u32.json benchmarks/results/splits_10017_u32.json
+    python benchmarks/accuracy_table.py --compare default evidence evidence_seed   # all-splits variants side by side
 """
 from __future__ import annotations
 
@@ -90,8 +91,48 @@ def splits_tables(paths: list[str]) -> None:
                   f"{np.mean([t[kind]['tp'] for t in th]):.0f} / {np.mean([t[kind]['fp'] for t in th]):.0f} |")
 
 
+def compare_tables(tags: list[str], reference: str = "default") -> None:
+    """accuracy.py all-splits runs side by side: per budget mean / worst split / worst gain, and per
+    split (seed-averaged) how often each variant is at least the reference's AP, and its worst loss to it."""
+    res: dict[str, dict[str, dict]] = {}
+    for tag in tags:
+        d = json.loads((RESULTS / f"accuracy_{tag}.json").read_text())
+        for ds, variants in d["results"].items():
+            res.setdefault(ds, {}).update(variants)
+    print("| dataset | recipe | runs | pretrained | " + " | ".join(
+        f"@{b} mean / worst split / worst gain" for b in (10, 25, 50, 100)) + " | splits >= " + reference
+          + " @10/25/50/100 | worst loss to " + reference + " (a split) | round median |")
+    print("|---|---|---|---|" + "---|" * 4 + "---|---|---|")
+    for ds in sorted(res, reverse=True):
+        ref = res[ds].get(reference)
+        for name, r in res[ds].items():
+            summ = r["summary"]
+            cells = [f"{c['ap_mean']:.3f} / {c['worst_split_ap_mean']:.3f} / {c['min_gain_over_baseline']:+.3f}"
+                     for c in summ["budgets"].values()]
+            per_split = _split_means(r["runs"])
+            if ref is not None and name != reference:
+                rs = _split_means(ref["runs"])
+                diff = np.array([per_split[k] - rs[k] for k in sorted(rs) if k in per_split])
+                wins = "/".join(f"{int((diff[:, i] >= -1e-4).sum())}" for i in range(diff.shape[1])) + f" of {len(diff)}"
+                loss = f"{diff.min():+.3f}"
+            else:
+                wins = loss = "—"
+            rt = np.median([x["timing"]["round_median_s"] for x in r["runs"]])
+            print(f"| {NAMES.get(ds, ds)} | {name} | {summ['runs']} | {summ['baseline_ap_mean']:.3f} | "
+                  + " | ".join(cells) + f" | {wins} | {loss} | {rt:.2f} s |")
+
+
+def _split_means(runs) -> dict[tuple, np.ndarray]:
+    by: dict[tuple, list] = {}
+    for x in runs:
+        by.setdefault(tuple(x["train"]), []).append([a["ap"] for a in x["active"]])
+    return {k: np.mean(v, axis=0) for k, v in by.items()}
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--splits"]:
         splits_tables(sys.argv[2:])
+    elif sys.argv[1:2] == ["--compare"]:
+        compare_tables(sys.argv[2:])
     else:
         main(sys.argv[1:] or ["views8"])

@@ -176,6 +176,8 @@ def run_one(s: BenchmarkSettings, recipe: Recipe, seed: int, data, progress=prin
         n_pos = sum(l.label for l in labels)
         active.append({"labels": len(labels), "positives": n_pos, "ap": round(ev.ap, 4), "ap90": round(ev.ap90, 4),
                        "recall": round(ev.recall, 4), "threshold": rec_b})
+        if learner.model is not None and "prior_strength" in learner.model.meta:  # recipe prior_strength='evidence'
+            active[-1]["prior_strength"] = learner.model.meta["prior_strength"]
         progress(f"  [{recipe.name} seed {seed}] {len(labels):4d} labels ({n_pos} positive): AP {ev.ap:.3f} "
                  f"AP90 {ev.ap90:.3f}  (baseline {base.ap:.3f})")
         if out_dir:

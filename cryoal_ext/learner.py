@@ -11,6 +11,7 @@ import numpy as np
 
 from .calibration import calibrated
 from .acquisition import Proposal, entropy, entropy_peaks, peaks, spread_in_features
+from . import evidence
 from .extract import Picks, extract_picks, sigmoid
 from .features import DEFAULT_FEATURE_MODEL, FeatureMap, blas_threads, head_of
 from .io import Micrograph
@@ -53,6 +54,7 @@ class ActiveLearner:
     solver = "newton"  # BLR solver: 'newton' (exact Hessian, converged) or 'lbfgs'
     warm_start = True  # start each fit from the last one (same optimum, fewer steps)
     top_k = True  # compute only the k best peaks a batch can use (exactly the full NMS's first k)
+    EVIDENCE_TOL = 1e-6  # max|grad| of the fits that only score a prior strength (evidence.choose)
 
     def __init__(self, items: list[Item], radius_px: float, recipe: Recipe, feature_model: str = DEFAULT_FEATURE_MODEL,
                  seed: int = 0, in_memory: bool | None = None):
@@ -74,6 +76,8 @@ class ActiveLearner:
         self._unlabelled = self._sample_unlabelled()
         self._pi: float | None = None
         self._pseudo = self._pseudo_labels()
+        self.strength = 1.0  # the prior's strength factor (recipe prior_strength='evidence'; 1: as the recipe says)
+        self._prior_min: tuple[tuple, BLR] | None = None  # cache of the prior-only fit (evidence.py's θ_P)
 
     # --- geometry helpers ----------------------------------------------------------------------
     def radius_w(self, name: str) -> float:
@@ -132,6 +136,11 @@ class ActiveLearner:
 
     def training_set(self, labels: list[Label]):
         """Feature rows, targets and weights for real labels plus (decayed) pseudo-labels."""
+        real, pseudo = self.training_parts(labels)
+        return tuple(np.concatenate([a, b]) for a, b in zip(real, pseudo))
+
+    def training_parts(self, labels: list[Label]):
+        """(X, y, w) of the real labels and (X, y, w) of the pseudo-labels, apart (the evidence treats them apart)."""
         r = self.recipe
         real = [l for l in labels if l.micrograph in self.items]
         pseudo = list(self._pseudo)
@@ -148,8 +157,10 @@ class ActiveLearner:
                     keep.append(p)
             pseudo = keep
         pw = r.pseudo_weight / (1.0 + r.pseudo_decay * len(real))
-        X, y, w = [], [], []
+        d = next(iter(self.items.values())).fmap.features.shape[0]
+        parts = []
         for group, weight in ((real, 1.0), (pseudo, pw)):
+            X, y, w = [], [], []
             for name in {l.micrograph for l in group}:
                 it = self.items[name]
                 sel = [l for l in group if l.micrograph == name]
@@ -166,10 +177,9 @@ class ActiveLearner:
                 y.append(np.repeat(t, dy.size))
                 per_pixel = weight / dy.size if r.label_weight == "label" else weight
                 w.append(np.full(Y.size, per_pixel))
-        if not X:
-            d = next(iter(self.items.values())).fmap.features.shape[0]
-            return np.empty((0, d), np.float32), np.empty(0), np.empty(0)
-        return np.concatenate(X), np.concatenate(y), np.concatenate(w)
+            parts.append((np.concatenate(X), np.concatenate(y), np.concatenate(w)) if X else
+                         (np.empty((0, d), np.float32), np.empty(0), np.empty(0)))
+        return parts[0], parts[1]
 
     # --- fitting and prediction ----------------------------------------------------------------
     def prior(self):
@@ -195,22 +205,71 @@ class ActiveLearner:
         return self._pi
 
     def fit(self, labels: list[Label], start: BLR | None = None) -> BLR:
-        """Fit on ``labels``; Newton starts from ``start`` or the last fit (same optimum, fewer steps)."""
+        """Fit on ``labels``; Newton starts from ``start`` or the last fit (same optimum, fewer steps).
+
+        With the recipe's ``prior_strength='evidence'`` the prior's strength is chosen here (from the
+        strength ``start`` or the last fit had), and later ``fit_model`` refits keep it.
+        """
         t = time.perf_counter()
-        model = self.fit_model(labels, start if start is not None else self.model)
+        start = start if start is not None else self.model
+        if self.recipe.prior_strength == "evidence" and any(l.micrograph in self.items for l in labels):
+            choice = self._choose_strength(labels, start)
+            model, self.strength = choice.model, choice.strength
+            model.meta.update(prior_strength=choice.strength, log_evidence={str(k): v for k, v in choice.log_evidence.items()})
+        else:
+            model = self.fit_model(labels, start)
         self.model = model
         self._logits = {}
         self.last_fit_s = time.perf_counter() - t
         return model
 
+    def _choose_strength(self, labels: list[Label], start: BLR | None) -> "evidence.Choice":
+        """The prior strength the answers' evidence prefers (cryoal_ext/evidence.py), and its fit."""
+        real, pseudo = self.training_parts(labels)
+        prior_min, dim = self._prior_minimum(pseudo, len(labels))
+        begin = float(start.meta.get("prior_strength", self.strength)) if start is not None else self.strength
+        def fit_at(s: float, warm: BLR | None, final: bool) -> BLR:
+            return self._fit_parts(real, pseudo, len(labels), s, warm if warm is not None else start,
+                                   newton_tol=None if final else self.EVIDENCE_TOL, laplace=not final)
+
+        return evidence.choose(fit_at, prior_min, dim, start=begin)
+
+    def _prior_minimum(self, pseudo, n_labels: int) -> tuple[float, int]:
+        """min over θ of the prior's energy P (l2 pull + pseudo-labels; it does not move with the strength), its dimension."""
+        X, y, w = pseudo
+        d = next(iter(self.items.values())).fmap.features.shape[0]
+        if X.shape[0] == 0 or w.sum() <= 0:
+            return 0.0, d  # P = l2/2 |w - w0|², minimum 0 at w0; the bias is flat and cancels
+        key = (X.shape[0], float(w.sum()), float(y.sum()), n_labels if self.recipe.l2_decay else 0)
+        if self._prior_min is None or self._prior_min[0] != key:
+            l2 = self.recipe.l2 / (1.0 + self.recipe.l2_decay * n_labels)
+            m = BLR(l2=l2, pi_weight=0.0, standardise=self.recipe.standardise)
+            warm = self._prior_min[1] if self._prior_min is not None else None
+            if warm is not None:
+                m.coef_, m.intercept_ = warm.coef_, warm.intercept_
+            with blas_threads(1):
+                m.fit(X, y, w, unlabelled=self._unlabelled, prior=self.prior(), warm_start=warm is not None, laplace=True)
+            self._prior_min = (key, m)
+        return float(self._prior_min[1].energy_), d + 1
+
     def fit_model(self, labels: list[Label], start: BLR | None = None, newton_tol: float | None = None) -> BLR:
         """The BLR fitted on ``labels``, leaving the learner's own model alone (cross-validation refits).
 
         ``newton_tol``: a looser stop than the BLR's default, for refits that only score a few answers.
+        The prior's strength is the learner's current one (1 unless the evidence chose another).
         """
+        real, pseudo = self.training_parts(labels)
+        s = self.strength if self.recipe.prior_strength == "evidence" else 1.0
+        return self._fit_parts(real, pseudo, len(labels), s, start, newton_tol=newton_tol)
+
+    def _fit_parts(self, real, pseudo, n_labels: int, strength: float, start: BLR | None,
+                   newton_tol: float | None = None, laplace: bool = False) -> BLR:
+        """One BLR fit: the prior (l2 and the pseudo-labels' weight) scaled by ``strength``."""
         r = self.recipe
-        X, y, w = self.training_set(labels)
-        l2 = r.l2 / (1.0 + r.l2_decay * len(labels))
+        X = np.concatenate([real[0], pseudo[0]])
+        y = np.concatenate([real[1], pseudo[1]])
+        w = np.concatenate([real[2], strength * pseudo[2]])
+        l2 = strength * r.l2 / (1.0 + r.l2_decay * n_labels)
         model = BLR(l2=l2, pi=self.pi(), pi_weight=r.pi_weight, standardise=r.standardise, solver=self.solver,
                     **({"newton_tol": newton_tol} if newton_tol is not None else {}))
         if X.shape[0] == 0 and self.recipe.prior == "pretrained":
@@ -222,9 +281,12 @@ class ActiveLearner:
             if warm is not None and warm.coef_ is not None:
                 model.coef_, model.intercept_ = warm.coef_, warm.intercept_
             with blas_threads(1):  # small dense products: thread hand-offs cost more than they save
-                model.fit(X, y, w, unlabelled=self._unlabelled, prior=self.prior(), warm_start=warm is not None)
+                model.fit(X, y, w, unlabelled=self._unlabelled, prior=self.prior(), warm_start=warm is not None,
+                          laplace=laplace)
         model.meta = {"feature_model": self.feature_model, "recipe": r.to_dict(), "radius_px": self.radius_px,
                       "working_pixel_size": float(np.mean([it.mic.frame.working_pixel_size for it in self.items.values()]))}
+        if r.prior_strength == "evidence":
+            model.meta["prior_strength"] = strength
         return model
 
     def logits(self, name: str) -> np.ndarray:

@@ -58,6 +58,8 @@ class BLR:
         self.mean_: np.ndarray | None = None
         self.scale_: np.ndarray | None = None
         self.n_iter_: int = 0
+        self.energy_: float | None = None  # with fit(laplace=True): the loss at the optimum, not divided by n
+        self.log_det_hessian_: float | None = None  # ... and log det of its Hessian (the Laplace approximation)
         self.meta: dict = {}
 
     # --- scikit-learn style parameter access -------------------------------------------------
@@ -139,6 +141,7 @@ class BLR:
         U32 = None if Us is None else Us.astype(np.float32)
         f, g, aux = self._loss_grad_aux(theta, Xs, y, weight, Us, w0)
         steps, d = 0, theta.size
+        self._last_chol = None
         while steps < max_steps and np.abs(g).max() > self.params.newton_tol:
             H = self._hessian(weight, X32, U32, aux)
             lam = 0.0
@@ -163,13 +166,35 @@ class BLR:
                 break
             theta, f, g, aux = theta + t * step, f2, g2, aux2
             steps += 1
+            # the last factor, one converged step (|step| ~ |grad|) short of the optimum: its log det is
+            # the optimum's to ~1e-8, so the Laplace terms need no extra Hessian (evidence.py)
+            self._last_chol = chol if lam == 0.0 else None
         return theta, steps, bool(np.abs(g).max() <= 100 * self.params.newton_tol)
 
-    def fit(self, X, y, weight=None, unlabelled=None, prior=None, warm_start: bool = False) -> "BLR":
+    def _laplace(self, theta, Xs, y, weight, Us, w0, reuse: bool) -> tuple[float, float]:
+        """(loss, log det of its Hessian) at ``theta``, both NOT divided by n: the Laplace approximation's terms.
+
+        The expectation term counts as part of the likelihood (it is in the loss and in the Hessian).
+        """
+        n = max(float(weight.sum()), 1.0)
+        f, _, aux = self._loss_grad_aux(theta, Xs, y, weight, Us, w0)
+        chol = self._last_chol if reuse else None
+        if chol is None:
+            H = self._hessian(weight, Xs.astype(np.float32), None if Us is None else Us.astype(np.float32), aux)
+            try:
+                chol = np.linalg.cholesky(H)
+            except np.linalg.LinAlgError:  # not a strict minimum (a flat direction): clip, do not fail
+                ev = np.linalg.eigvalsh(H)
+                return f * n, float(np.sum(np.log(np.maximum(ev, 1e-12 * ev.max())))) + theta.size * np.log(n)
+        return f * n, 2.0 * float(np.sum(np.log(np.diag(chol)))) + theta.size * np.log(n)
+
+    def fit(self, X, y, weight=None, unlabelled=None, prior=None, warm_start: bool = False,
+            laplace: bool = False) -> "BLR":
         """Fit on labelled feature rows ``X`` (n, d) with targets ``y`` in [0, 1].
 
         ``unlabelled``: feature rows for the expectation term; ``prior``: (w0, b0) in raw space,
-        default zeros.  With ``warm_start`` the current weights are the starting point.
+        default zeros.  With ``warm_start`` the current weights are the starting point.  With
+        ``laplace``, ``energy_`` and ``log_det_hessian_`` are set (the evidence's terms).
         """
         X = np.asarray(X, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
@@ -192,6 +217,7 @@ class BLR:
         else:
             start = np.r_[w0, b0]
         theta, self.n_iter_, done = start, 0, False
+        self._last_chol = None
         if self.params.solver == "newton":
             theta, self.n_iter_, done = self._newton(start, Xs, y, weight, Us, w0)
         elif self.params.solver != "lbfgs":
@@ -200,6 +226,8 @@ class BLR:
             res = minimize(self.loss_and_grad, theta, args=(Xs, y, weight, Us, w0, b0), jac=True,
                            method="L-BFGS-B", options={"maxiter": self.params.max_iter, "gtol": self.params.tol})
             theta, self.n_iter_ = res.x, self.n_iter_ + int(res.nit)
+        if laplace:
+            self.energy_, self.log_det_hessian_ = self._laplace(theta, Xs, y, weight, Us, w0, reuse=done)
         ws, bs = theta[:-1], float(theta[-1])
         self.coef_ = ws / self.scale_
         self.intercept_ = bs - float(np.dot(self.coef_, self.mean_))

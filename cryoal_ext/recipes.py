@@ -13,6 +13,8 @@ class Recipe:
     prior: str = "pretrained"  # 'zero': w0 = 0; 'pretrained': regularise towards Topaz's own head
     l2: float = 1.0
     l2_decay: float = 0.0  # prior strength l2 / (1 + decay * real labels): labels take over as they accumulate
+    prior_strength: str = "fixed"  # 'fixed': l2 and pseudo_weight as given; 'evidence': both scaled each round by
+    # the factor (0.01..10, evidence.GRID) that maximises the Laplace evidence of the answers (cryoal_ext/evidence.py)
     pi: float = 0.01
     pi_weight: float = 1.0
     pi_source: str = "constant"  # 'constant': pi as given; 'pretrained': the pretrained head's mean probability
@@ -37,6 +39,10 @@ class Recipe:
     def __post_init__(self):
         if self.spread not in ("none", "micrographs", "features"):
             raise ValueError(f"unknown spread {self.spread!r}; choose none, micrographs or features")
+        if self.prior_strength not in ("fixed", "evidence"):
+            raise ValueError(f"unknown prior_strength {self.prior_strength!r}; choose fixed or evidence")
+        if self.prior_strength == "evidence" and self.l2 <= 0:
+            raise ValueError("prior_strength='evidence' needs l2 > 0 (a proper prior to scale)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,7 +65,11 @@ SEED = Recipe(
 DEFAULT = Recipe(name="default", l2=10.0, pseudo_labels=100, pseudo_weight=0.3, pseudo_area_px=2 * 686 * 686,
                  spread="features")
 
-RECIPES = {"seed": SEED, "default": DEFAULT}
+# The default with its prior's strength (l2 and pseudo-label weight together) chosen each round by
+# the evidence of the answers instead of held constant (issue 16; README "Accuracy").
+EVIDENCE = DEFAULT.with_(name="evidence", prior_strength="evidence")
+
+RECIPES = {"seed": SEED, "default": DEFAULT, "evidence": EVIDENCE}
 
 
 def get_recipe(name: str, **overrides) -> Recipe:

@@ -294,3 +294,20 @@ def test_l2_decay_weakens_the_prior_as_labels_accumulate(example_items, example_
         assert model.get_params()["l2"] == pytest.approx(10.0 / (1.0 + decay * len(labels)))
         dist[decay] = float(np.linalg.norm(model.coef_ - w0))
     assert dist[1.0] > dist[0.0]  # a weaker pull towards Topaz's head lets the labels move the weights further
+
+
+def test_evidence_prior_strength_is_chosen_per_fit_and_kept_by_refits(example_items, example_truth):
+    labels = Oracle(example_truth, RADIUS, "careful").answer(
+        ActiveLearner(list(example_items.values()), RADIUS, get_recipe("default"), seed=0).initial_proposals(10), 0)
+    learner = ActiveLearner(list(example_items.values()), RADIUS, get_recipe("evidence"), seed=0)
+    model = learner.fit(labels)
+    s = model.meta["prior_strength"]
+    assert s == learner.strength and str(s) in model.meta["log_evidence"]
+    assert model.get_params()["l2"] == pytest.approx(10.0 * s)
+    # the chosen strength is the best the climb saw, and a refit (calibration's folds) keeps it
+    ev = model.meta["log_evidence"]
+    assert max(ev, key=ev.get) == str(s)
+    assert learner.fit_model(labels[:5]).get_params()["l2"] == pytest.approx(10.0 * s)
+    # the fixed recipe is untouched: l2 10, pseudo weight as written
+    fixed = ActiveLearner(list(example_items.values()), RADIUS, get_recipe("default"), seed=0).fit(labels)
+    assert fixed.get_params()["l2"] == 10.0 and "prior_strength" not in fixed.meta

@@ -209,7 +209,8 @@ def add_active_learning(job) -> None:
         label="Engine recipe:",
         choices=list(RECIPES),
         default_value="default",
-        help_text="'default': our tuned settings; 'seed': the published method as it was described.",
+        help_text="'default': our tuned settings; 'seed': the published method as it was described; "
+                  "'evidence': the default with its prior's strength chosen each round by the answers' evidence.",
     )
     jo["seed"] = IntJobOption(
         label="Random seed:",
