@@ -122,10 +122,13 @@ def training_splits(names: list[str], s: BenchmarkSettings) -> list[list[str] | 
 
 
 def run_one(s: BenchmarkSettings, recipe: Recipe, seed: int, data, progress=print, picks_out: str | None = None,
-            train: list[str] | None = None, labels_at: dict | None = None) -> dict:
+            train: list[str] | None = None, extra=None, labels_at: dict | None = None) -> dict:
     """One seed of one recipe (on ``train``, or micrographs the seed draws): the JSON record of the issue's format.
 
     ``labels_at``: filled with the answers collected by each budget (for peers trained on the same labels).
+    ``extra(learner, evals, budget)``: called at each budget with the fitted (calibrated) learner and
+    the evaluation micrographs; a dict it returns is kept as that budget's ``extra`` (e.g. the same
+    model scored on other features: benchmarks/view_count.py).
     """
     items_all, truth, shapes = data["items"], data["truth"], data["shapes"]
     names = sorted(items_all)
@@ -178,6 +181,9 @@ def run_one(s: BenchmarkSettings, recipe: Recipe, seed: int, data, progress=prin
                        "recall": round(ev.recall, 4), "threshold": rec_b})
         if learner.model is not None and "prior_strength" in learner.model.meta:  # recipe prior_strength='evidence'
             active[-1]["prior_strength"] = learner.model.meta["prior_strength"]
+        more = extra(learner, evals, budget) if extra is not None else None
+        if more is not None:
+            active[-1]["extra"] = more
         progress(f"  [{recipe.name} seed {seed}] {len(labels):4d} labels ({n_pos} positive): AP {ev.ap:.3f} "
                  f"AP90 {ev.ap90:.3f}  (baseline {base.ap:.3f})")
         if out_dir:

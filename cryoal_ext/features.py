@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -19,6 +20,7 @@ PRETRAINED = ("resnet16_u32", "resnet16_u64", "resnet8_u32", "resnet8_u64")
 # average is a better per-pixel description: on EMPIAR-10028/-10017 (5 splits) 8 views raised the
 # all-label ceiling by 0.010/0.024 AP and AP at 100 labels by 0.016/0.018 (benchmarks/README.md).
 VIEWS = {1: "", 2: "+views2", 4: "+views4", 8: "+views8"}
+VIEW_ORDER = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: tuple(range(8))}  # which views (see _view) each count averages
 FEATURE_MODELS = tuple(b + s for b in PRETRAINED for s in VIEWS.values())
 DEFAULT_FEATURE_MODEL = "resnet16_u32+views8"
 CACHE_VERSION = "3"  # bump when preprocessing changes, so stale caches are not reused (3: normalisation in the key)
@@ -126,7 +128,7 @@ def view_mean(fn, x, views: int):
     centred kernels.  Views 2 = identity + flip, 4 = the quarter turns, 8 = both.  ``fn`` must
     return a new tensor (a network's output): the sum accumulates into the first view's in place.
     """
-    order = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: tuple(range(8))}[int(views)]
+    order = VIEW_ORDER[int(views)]
     acc = None
     for k in order:
         z = _unview(fn(_view(x, k)), k).float()
@@ -145,7 +147,7 @@ def view_mean_batched(fn, x, views: int, max_images: int | None = None):
     """
     import torch
 
-    order = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: tuple(range(8))}[int(views)]
+    order = VIEW_ORDER[int(views)]
     n = x.shape[0]
     groups: dict[tuple[int, int], list[int]] = {}
     for k in order:
@@ -162,6 +164,27 @@ def view_mean_batched(fn, x, views: int, max_images: int | None = None):
     for k in order:
         acc = outs[k] if acc is None else acc.add_(outs[k])
     return acc / len(order) if len(order) > 1 else acc
+
+
+def view_means(fn, x, views=tuple(VIEWS), seconds: dict | None = None) -> dict:
+    """``{n: view_mean(fn, x, n)}`` for several view counts from ONE pass over the views they need.
+
+    Why: the subsets are nested (1 and 4 are prefixes of 8, 2 = views 0 and 4), so the 8 backbone
+    calls of 8 views give every count; each count is summed in ``view_mean``'s own order, so the
+    maps are bit-identical to ``view_mean``'s.  ``seconds``: filled with each view's time.
+    """
+    counts = [int(n) for n in views]
+    need = sorted({k for n in counts for k in VIEW_ORDER[n]})
+    acc: dict = {}
+    for k in need:
+        t = time.perf_counter()
+        z = _unview(fn(_view(x, k)), k).float()
+        if seconds is not None:
+            seconds[k] = time.perf_counter() - t
+        for n in counts:
+            if k in VIEW_ORDER[n]:
+                acc[n] = z.clone() if n not in acc else acc[n].add_(z)
+    return {n: acc[n] / len(VIEW_ORDER[n]) if len(VIEW_ORDER[n]) > 1 else acc[n] for n in counts}
 
 
 def load_pretrained(name: str = DEFAULT_FEATURE_MODEL, device: str = "cpu"):
@@ -257,12 +280,43 @@ def compute_features_batch(images: list[np.ndarray], name: str = DEFAULT_FEATURE
             t = torch.from_numpy(x).to(device)
             with autocast(device, dtype):
                 z = view_mean(model.features, t, views)
-            z = z.float()
-            s = model.classifier(z)
-            feats = z.to(torch.float16).cpu().numpy()
-            score = s[:, 0].float().cpu().numpy()
+            feats, score = _with_head(model, z)
         out += [(feats[k], score[k]) for k in range(j - i)]
         i = j
+    return out
+
+
+def _with_head(model, z) -> tuple[np.ndarray, np.ndarray]:
+    """Dense features (N, C, H, W) -> (float16 features, float32 baseline logits (N, H, W)), on the host."""
+    import torch
+
+    z = z.float()
+    s = model.classifier(z)
+    return z.to(torch.float16).cpu().numpy(), s[:, 0].float().cpu().numpy()
+
+
+def compute_features_views(image: np.ndarray, backbone: str = "resnet16_u32", views=tuple(VIEWS),
+                           device: str | None = None, precision: str | None = None,
+                           seconds: dict | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """``compute_features(image, backbone + VIEWS[n])`` for every ``n`` in ``views`` from one pass (``view_means``).
+
+    The results are exactly those of ``compute_features`` (same arithmetic, same order), so they
+    can go into the ``FeatureCache`` of each '+viewsN' model (benchmarks/view_count.py).
+    """
+    import torch
+
+    device = device or default_device()
+    dtype = resolve_precision(precision, device)
+    model = load_pretrained(backbone, device)
+    x = np.ascontiguousarray(image, dtype=np.float32)[None, None]
+    out = {}
+    with torch.inference_mode():
+        t = torch.from_numpy(x).to(device)
+        with autocast(device, dtype):
+            zs = view_means(model.features, t, views, seconds)
+        for n, z in zs.items():
+            feats, score = _with_head(model, z)
+            out[n] = (feats[0], score[0])
     return out
 
 
@@ -309,7 +363,24 @@ class FeatureCache:
             except (ValueError, OSError):
                 pass  # a damaged cache entry is recomputed below
         self.misses += 1
-        feats, score = compute_features(mic.image, self.model, self.device, self.precision)
+        return self.put(mic, *compute_features(mic.image, self.model, self.device, self.precision))
+
+    def has(self, mic: Micrograph) -> bool:
+        """Whether this micrograph's entry is on disk (not whether it is readable: ``get`` checks that)."""
+        if self.folder is None:
+            return False
+        stem = self._stem(mic)
+        return Path(f"{stem}.features.npy").exists() and Path(f"{stem}.score.npy").exists()
+
+    def put(self, mic: Micrograph, feats: np.ndarray, score: np.ndarray) -> FeatureMap:
+        """Store features computed elsewhere (they must be this cache's model's, e.g. ``compute_features_views``)."""
+        if self.folder is None:
+            return FeatureMap(feats, score)
+        if feats.shape[1:] != score.shape or score.shape != tuple(mic.frame.working_shape):
+            raise ValueError(f"{mic.name}: features {feats.shape} / score {score.shape} do not match the working "
+                             f"shape {tuple(mic.frame.working_shape)}")
+        stem = self._stem(mic)
+        fpath, spath = Path(f"{stem}.features.npy"), Path(f"{stem}.score.npy")
         self.folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(fpath) as tmp:
             np.save(tmp, feats)

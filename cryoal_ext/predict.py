@@ -66,6 +66,7 @@ class PredictSettings:
     gpu_crop: bool | None = None  # Fourier crop with torch.fft on the device (crop_torch; ~1e-6 of the std from numpy's)
     device_nms: bool | None = None  # NMS on the device (nms_torch: exactly extract.nms's picks)
     view_batch: int | None = None  # +viewsK: the views stacked into passes of <= N images (None: 8 on CUDA; 0: one by one)
+    views: int | None = None  # views averaged at prediction (None: the feature model's own; cryoal predict: prediction_views)
 
 
 @dataclass
@@ -99,6 +100,28 @@ def settings_precision(s: "PredictSettings") -> str:
     if s.half and p not in ("fp16", "half", "float16"):
         raise ValueError(f"half=True conflicts with precision={s.precision!r}")
     return p
+
+
+# `cryoal predict`'s default views for a model trained on N-view features, per device kind (None: the
+# model's own N).  benchmarks/view_count.py (benchmarks/README.md, "View count at prediction"): a
+# +views8 model predicting with 4 views stayed within 0.005 mean AP of 8 views on EMPIAR-10028, -10017
+# and the bundled crops at 25 and 100 labels (5 seeds), for half the network time; 2 and 1 view lost
+# up to 0.019 and 0.051.  A GPU runs 8 views at 15 micrographs/s, so it keeps the model's own.
+PREDICT_VIEWS: dict[str, int | None] = {"cuda": None, "cpu": 4}
+
+
+def prediction_views(feature_model: str, device: str, views: int | None = None) -> int:
+    """The view count to predict with: ``views`` when given, else the device's default, never above
+    the count the model was trained on (more views than its features saw is a choice, not a default)."""
+    from .features import VIEWS, parse_feature_model
+
+    trained = parse_feature_model(feature_model)[1]
+    if views is not None:
+        if int(views) not in VIEWS:
+            raise ValueError(f"--views {views}: choose one of {', '.join(map(str, VIEWS))}")
+        return int(views)
+    default = PREDICT_VIEWS["cuda" if str(device).startswith("cuda") else "cpu"]
+    return trained if default is None else min(trained, default)
 
 
 def default_readers(device: str) -> int:
@@ -169,8 +192,12 @@ def _net_class():
 
 
 def picking_net(model: BLR | None, feature_model: str = DEFAULT_FEATURE_MODEL, device: str = "cpu", half: bool = False,
-                precision: str | None = None, channels_last: bool = False, view_batch: int = 0):
+                precision: str | None = None, channels_last: bool = False, view_batch: int = 0,
+                views: int | None = None):
     """Topaz backbone (dense mode) with the BLR as its 1x1 head: image (N,1,H,W) -> logits (N,1,H,W) float32.
+
+    ``views``: views averaged (default: those of ``feature_model``, the features the model was
+    trained on; fewer are cheaper, see ``prediction_views``).
 
     ``precision`` 'fp16' (CUDA only) or 'bf16' runs the backbone under autocast; ``half`` is
     shorthand for 'fp16'.  ``view_batch`` N > 0 stacks the views of a ``+viewsK`` model into
@@ -195,8 +222,9 @@ def picking_net(model: BLR | None, feature_model: str = DEFAULT_FEATURE_MODEL, d
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(w.astype(np.float32)).view(1, channels, 1, 1))
         head.bias.fill_(float(b))
-    net = _net_class()(copy.deepcopy(base.features), head, device, dtype, channels_last,
-                       parse_feature_model(feature_model)[1], max(0, int(view_batch or 0))).eval()
+    views = parse_feature_model(feature_model)[1] if views is None else prediction_views(feature_model, device, views)
+    net = _net_class()(copy.deepcopy(base.features), head, device, dtype, channels_last, views,
+                       max(0, int(view_batch or 0))).eval()
     for prm in net.parameters():
         prm.requires_grad_(False)
     net = net.to(device)
@@ -255,7 +283,7 @@ def stream_predict(
     device_nms = s.device_nms if s.device_nms is not None else on_cuda
     view_batch = s.view_batch if s.view_batch is not None else (8 if on_cuda else 0)
     net = picking_net(model, s.feature_model, device, precision=precision, channels_last=channels_last,
-                      view_batch=view_batch)
+                      view_batch=view_batch, views=s.views)
     if on_cuda:
         torch.backends.cudnn.benchmark = True  # one working shape repeats: let cuDNN pick its fastest kernels
     items = [Item(i, k, str(p), n, ps) for i, (k, p, n, ps) in enumerate(inputs)]

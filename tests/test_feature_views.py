@@ -82,3 +82,31 @@ def test_cache_keeps_view_counts_apart(example_data, tmp_path):
     mic = load_micrograph(example_data / "micrographs" / "061_10028_crop.mrc")
     stems = {n: FeatureCache(tmp_path, n, "cpu")._stem(mic).name for n in ("resnet16_u32", "resnet16_u32+views8")}
     assert stems["resnet16_u32"] != stems["resnet16_u32+views8"] and "+views8" in stems["resnet16_u32+views8"]
+
+
+def test_one_pass_gives_every_view_count_exactly(piece, example_data, tmp_path):
+    """compute_features_views (one 8-view pass, benchmarks/view_count.py) = compute_features per count, bit for bit,
+    and what it puts in the cache is what the cache would have computed."""
+    from cryoal_ext.features import VIEWS, compute_features_views
+    from cryoal_ext.io import load_micrograph
+
+    seconds: dict = {}
+    got = compute_features_views(piece, "resnet16_u32", seconds=seconds)
+    assert sorted(got) == [1, 2, 4, 8] and sorted(seconds) == list(range(8))
+    for n, (f, s) in got.items():
+        fe, se = compute_features(piece, "resnet16_u32" + VIEWS[n], "cpu")
+        np.testing.assert_array_equal(f, fe)
+        np.testing.assert_array_equal(s, se)
+    from dataclasses import replace
+
+    mic = load_micrograph(example_data / "micrographs" / "061_10028_crop.mrc")
+    mic = replace(mic, image=piece, frame=replace(mic.frame, working_shape=piece.shape))  # the cache keys on it
+    cache = FeatureCache(tmp_path, "resnet16_u32+views2", "cpu")
+    assert not cache.has(mic)
+    cache.put(mic, *got[2])
+    assert cache.has(mic)
+    fm = cache.get(mic)
+    assert cache.hits == 1 and cache.misses == 0
+    np.testing.assert_array_equal(np.asarray(fm.features), got[2][0])
+    with pytest.raises(ValueError, match="working shape"):
+        cache.put(mic, got[2][0][:, :10], got[2][1][:10])

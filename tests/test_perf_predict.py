@@ -125,3 +125,39 @@ def test_device_and_half_options():
     # float16 on the CPU is refused with a clear message (not silently run in float32)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         next(stream_predict(inputs(MICS[:1]), None, lambda *_: 28.0, PredictSettings(device="cpu", half=True)))
+
+
+def test_predict_views_option_runs_fewer_views_of_a_views8_model_and_records_them(model, tmp_path):
+    """`cryoal predict --views 1` on a model trained on +views8 features: one view's network, recorded in predict.json."""
+    import json
+
+    import torch
+
+    from cryoal_ext import cli
+
+    m = BLR()
+    m.coef_, m.intercept_ = model.coef_, model.intercept_
+    m.save(tmp_path / "model.npz", feature_model="resnet16_u32+views8")
+    x = torch.from_numpy(load_micrograph(MICS[0]).image[:96, :96].copy())[None, None]
+    with torch.inference_mode():  # one view of the views8 model is the one-view network, bit for bit
+        np.testing.assert_array_equal(picking_net(m, "resnet16_u32+views8", views=1)(x).numpy(),
+                                      picking_net(m, "resnet16_u32")(x).numpy())
+    rc = cli.main(["predict", str(MICS[0]), "--model", str(tmp_path / "model.npz"), "--radius-px", "28",
+                   "--out-dir", str(tmp_path / "o"), "--device", "cpu", "--views", "1", "--no-progress",
+                   "--threads", "1"])
+    assert rc == 0
+    settings = json.loads((tmp_path / "o" / "predict.json").read_text())["settings"]
+    assert settings["views"] == 1 and settings["feature_model"] == "resnet16_u32+views8"
+    assert (tmp_path / "o" / "picks.txt").read_text().count("\n") > 10
+
+
+def test_prediction_views_default_per_device_and_every_count_selectable():
+    """benchmarks/view_count.py: 4 views on the CPU kept the AP of 8; a GPU keeps the model's own; never more by default."""
+    from cryoal_ext.predict import prediction_views
+
+    assert prediction_views("resnet16_u32+views8", "cpu") == 4
+    assert prediction_views("resnet16_u32+views8", "cuda") == prediction_views("resnet16_u32+views8", "cuda:1") == 8
+    assert prediction_views("resnet16_u32", "cpu") == 1 and prediction_views("resnet16_u32+views2", "cpu") == 2
+    assert [prediction_views("resnet16_u32+views8", "cpu", n) for n in (1, 2, 4, 8)] == [1, 2, 4, 8]
+    with pytest.raises(ValueError, match="--views 3"):
+        prediction_views("resnet16_u32+views8", "cpu", 3)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ..calibration import calibrated
+from ..features import parse_feature_model
 from ..io import file_digest, resolve_normalisation
 from ..model import BLR
 from ..shard import Shard, is_complete, merge, reconcile_manifest, write_error, write_micrograph
@@ -44,6 +45,10 @@ def add_arguments(p) -> None:
                    help="backbone arithmetic: fp32 (default), fp16 (autocast, CUDA only), bf16 (autocast); "
                         "check the AP on your data first")
     p.add_argument("--half", action="store_true", help="same as --precision fp16")
+    p.add_argument("--views", type=int, default=None, choices=(1, 2, 4, 8),
+                   help="rotated/mirrored views averaged at prediction (default: the model's own on a GPU, e.g. 8 "
+                        "for +views8; on the CPU at most 4, which kept the AP within 0.005 of 8 for half the "
+                        "time); N views cost N one-view passes")
     p.add_argument("--prefetch", type=int, default=2, help="micrographs read ahead of the network (default 2)")
     p.add_argument("--readers", type=positive_int, default=None,
                    help="threads reading and normalising micrographs (default 1 on CPU, up to 4 on GPU)")
@@ -97,13 +102,13 @@ def micrograph_inputs(items: list[str], project_dir: str = ".") -> list[Path]:
     return out
 
 
-def run_settings(args, model_path: str | None, feature_model: str, formats: set[str]) -> dict:
+def run_settings(args, model_path: str | None, feature_model: str, formats: set[str], views: int | None = None) -> dict:
     """What decides the picks: a folder's outputs are only reused under the same settings."""
     return {"model": f"sha1:{file_digest(Path(model_path).with_suffix('.npz'))}" if model_path else f"pretrained:{feature_model}",
             "feature_model": feature_model, "working_pixel_size": args.working_pixel_size,
             "pixel_size": args.pixel_size, "radius_px": args.radius_px, "diameter_A": args.diameter_A,
             "threshold": args.threshold, "precision": precision_of(args), "formats": sorted(formats),
-            "normalisation": resolve_normalisation()}
+            "normalisation": resolve_normalisation(), "views": views or parse_feature_model(feature_model)[1]}
 
 
 def precision_of(args) -> str:
@@ -120,7 +125,7 @@ def main(args) -> int:
     from tqdm import tqdm
 
     from ..features import resolve_precision
-    from ..predict import PredictSettings, resolve_device, stream_predict
+    from ..predict import PredictSettings, prediction_views, resolve_device, stream_predict
 
     apply_threads(args)
     shard = Shard.parse(args.shard)
@@ -153,18 +158,20 @@ def main(args) -> int:
     # the micrographs or a working image too large for memory is the settings' fault: refused before any work
     check_inputs(args, [by_name[n] for n in sorted(by_name)], {"output folder (--out-dir)": out}, batch=batch,
                  feature_model=feature_model, skip_bad_pixel_size=True)
-    settings = run_settings(args, args.model, feature_model, formats)
+    views = prediction_views(feature_model, device, args.views)
+    settings = run_settings(args, args.model, feature_model, formats, views)
     reconcile_manifest(out, settings, [{"name": n, "path": str(by_name[n])} for n in sorted(by_name)],
                        overwrite=args.overwrite)
     mine = shard.select(list(by_name))
     todo = [n for n in mine if args.overwrite or not is_complete(out, n, formats)]
     ps = PredictSettings(feature_model=feature_model, working_pixel_size=args.working_pixel_size, device=device,
                          batch_size=batch, precision=precision, prefetch=args.prefetch, readers=args.readers,
-                         threshold=args.threshold, normalisation=resolve_normalisation(),
+                         threshold=args.threshold, normalisation=resolve_normalisation(), views=views,
                          view_batch=getattr(args, "view_batch", None), gpu_crop=_switch(getattr(args, "gpu_crop", None)),
                          device_nms=_switch(getattr(args, "device_nms", None)))
     print(f"shard {shard}: {len(mine)} of {len(by_name)} micrographs, {len(mine) - len(todo)} already done, "
-          f"{len(todo)} to pick on {device} (batch {batch}, {precision})")
+          f"{len(todo)} to pick on {device} (batch {batch}, {precision}, {views} view{'s' if views > 1 else ''} "
+          f"of {feature_model})")
     t = time.perf_counter()
     failed = 0
     inputs = [(n, str(by_name[n]), n, args.pixel_size) for n in todo]
