@@ -38,7 +38,6 @@ def disc_max(x, widths: list[int]):
     Horizontal maxima of growing width (one shift per width) combined over the disc's rows:
     ~5 r elementwise ops on the device, exact.
     """
-    import torch
 
     h_img, w_img = x.shape
     out = x.clone()
