@@ -97,6 +97,18 @@ class SyntheticMicrograph:
 
 
 @pytest.fixture(scope="session")
+def perturbed_head():
+    """A BLR a little off Topaz's own head: prediction tests that must not depend on the head being Topaz's."""
+    from cryoal_ext.features import head_of
+    from cryoal_ext.model import BLR
+
+    m = BLR()
+    w0, b0 = head_of("resnet16_u32")
+    m.coef_, m.intercept_ = w0 + 0.05 * np.random.default_rng(0).standard_normal(w0.size), b0 - 0.3
+    return m
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real-data folder; the test is skipped when it is not there."""
     p = shared_data_dir()

@@ -13,7 +13,6 @@ import pytest
 
 from cryoal_ext.features import compute_features, compute_features_batch, resolve_precision
 from cryoal_ext.io import load_micrograph
-from cryoal_ext.model import BLR
 from cryoal_ext.predict import PredictSettings, backbone_seconds, picking_net, stream_predict
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "cryoal_ext" / "example_data" / "empiar10028_small"
@@ -25,13 +24,8 @@ def inputs(files):
 
 
 @pytest.fixture(scope="module")
-def model():
-    from cryoal_ext.features import head_of
-
-    m = BLR()
-    w0, b0 = head_of("resnet16_u32")
-    m.coef_, m.intercept_ = w0 + 0.05 * np.random.default_rng(0).standard_normal(w0.size), b0 - 0.3
-    return m
+def model(perturbed_head):
+    return perturbed_head
 
 
 @pytest.fixture(scope="module")

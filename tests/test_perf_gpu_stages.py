@@ -54,14 +54,8 @@ def test_torch_crop_of_a_real_micrograph():
 # ---- views as one batched forward ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model():
-    from cryoal_ext.features import head_of
-    from cryoal_ext.model import BLR
-
-    m = BLR()
-    w0, b0 = head_of("resnet16_u32")
-    m.coef_, m.intercept_ = w0 + 0.05 * np.random.default_rng(0).standard_normal(w0.size), b0 - 0.3
-    return m
+def model(perturbed_head):
+    return perturbed_head
 
 
 @pytest.mark.parametrize("fm", ["resnet16_u32+views8", "resnet16_u32+views2"])
