@@ -128,12 +128,7 @@ def view_mean(fn, x, views: int):
     centred kernels.  Views 2 = identity + flip, 4 = the quarter turns, 8 = both.  ``fn`` must
     return a new tensor (a network's output): the sum accumulates into the first view's in place.
     """
-    order = VIEW_ORDER[int(views)]
-    acc = None
-    for k in order:
-        z = _unview(fn(_view(x, k)), k).float()
-        acc = z if acc is None else acc.add_(z)
-    return acc / len(order) if len(order) > 1 else acc
+    return view_means(fn, x, (int(views),))[int(views)]
 
 
 def view_mean_batched(fn, x, views: int, max_images: int | None = None):
@@ -170,8 +165,8 @@ def view_means(fn, x, views=tuple(VIEWS), seconds: dict | None = None) -> dict:
     """``{n: view_mean(fn, x, n)}`` for several view counts from ONE pass over the views they need.
 
     Why: the subsets are nested (1 and 4 are prefixes of 8, 2 = views 0 and 4), so the 8 backbone
-    calls of 8 views give every count; each count is summed in ``view_mean``'s own order, so the
-    maps are bit-identical to ``view_mean``'s.  ``seconds``: filled with each view's time.
+    calls of 8 views give every count; each count is summed in view order, the one loop behind
+    ``view_mean`` too, so the maps are bit-identical to its.  ``seconds``: filled with each view's time.
     """
     counts = [int(n) for n in views]
     need = sorted({k for n in counts for k in VIEW_ORDER[n]})
@@ -181,9 +176,9 @@ def view_means(fn, x, views=tuple(VIEWS), seconds: dict | None = None) -> dict:
         z = _unview(fn(_view(x, k)), k).float()
         if seconds is not None:
             seconds[k] = time.perf_counter() - t
-        for n in counts:
-            if k in VIEW_ORDER[n]:
-                acc[n] = z.clone() if n not in acc else acc[n].add_(z)
+        users = [n for n in counts if k in VIEW_ORDER[n]]
+        for n in users:  # a map shared by several counts is copied before one of them accumulates into it
+            acc[n] = acc[n].add_(z) if n in acc else (z if len(users) == 1 else z.clone())
     return {n: acc[n] / len(VIEW_ORDER[n]) if len(VIEW_ORDER[n]) > 1 else acc[n] for n in counts}
 
 
