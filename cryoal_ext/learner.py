@@ -79,6 +79,11 @@ class ActiveLearner:
         self.strength = 1.0  # the prior's strength factor (recipe prior_strength='evidence'; 1: as the recipe says)
         self._prior_min: tuple[tuple, BLR] | None = None  # cache of the prior-only fit (evidence.py's θ_P)
 
+    @property
+    def feature_dim(self) -> int:
+        """Channels of the feature maps (the BLR's weight count)."""
+        return next(iter(self.items.values())).fmap.features.shape[0]
+
     # --- geometry helpers ----------------------------------------------------------------------
     def radius_w(self, name: str) -> float:
         return self.items[name].mic.frame.radius_to_working(self.radius_px)
@@ -157,7 +162,7 @@ class ActiveLearner:
                     keep.append(p)
             pseudo = keep
         pw = r.pseudo_weight / (1.0 + r.pseudo_decay * len(real))
-        d = next(iter(self.items.values())).fmap.features.shape[0]
+        d = self.feature_dim
         parts = []
         for group, weight in ((real, 1.0), (pseudo, pw)):
             X, y, w = [], [], []
@@ -237,7 +242,7 @@ class ActiveLearner:
     def _prior_minimum(self, pseudo, n_labels: int) -> tuple[float, int]:
         """min over θ of the prior's energy P (l2 pull + pseudo-labels; it does not move with the strength), its dimension."""
         X, y, w = pseudo
-        d = next(iter(self.items.values())).fmap.features.shape[0]
+        d = self.feature_dim
         if X.shape[0] == 0 or w.sum() <= 0:
             return 0.0, d  # P = l2/2 |w - w0|², minimum 0 at w0; the bias is flat and cancels
         key = (X.shape[0], float(w.sum()), float(y.sum()), n_labels if self.recipe.l2_decay else 0)
@@ -325,7 +330,7 @@ class ActiveLearner:
 
     def rows(self, points: list[tuple[str, float, float]]) -> np.ndarray:
         """Feature rows at (micrograph, x, y) spots in original pixels, in the given order."""
-        dim = next(iter(self.items.values())).fmap.features.shape[0]
+        dim = self.feature_dim
         out = np.empty((len(points), dim), dtype=np.float32)
         for name in {p[0] for p in points}:
             at = [i for i, p in enumerate(points) if p[0] == name]
