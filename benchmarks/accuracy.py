@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--ceiling", action="store_true")
     ap.add_argument("--splits", default="all", choices=("seed", "all"))
     ap.add_argument("--no-calibration", action="store_true")
+    ap.add_argument("--audit-micrographs", type=int, default=2,
+                    help="micrographs (not trained on) kept for a recipe's audits, out of the evaluation")
     ap.add_argument("--feature-model", default=DEFAULT_FEATURE_MODEL)
     ap.add_argument("--cache-dir", default=os.environ.get("CRYOAL_CACHE", "/tmp/fcache"))
     ap.add_argument("--tag", default="run")
@@ -84,7 +86,7 @@ def main() -> None:
             name, (base, over), fm = parse_variant(vtext)
             s = BenchmarkSettings(**DATASETS[ds], budgets=budgets, batch=10, oracle=a.oracle, ceiling=a.ceiling,
                                   cache_dir=a.cache_dir, feature_model=fm or a.feature_model, splits=a.splits,
-                                  calibrate=not a.no_calibration)
+                                  calibrate=not a.no_calibration, audit_micrographs=a.audit_micrographs)
             recipe = get_recipe(base, **over)
             if s.feature_model not in loaded:
                 loaded[s.feature_model] = load_data(s, progress=lambda *_: None)

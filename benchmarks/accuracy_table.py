@@ -4,6 +4,7 @@
     python benchmarks/accuracy_table.py views8 views8_literal
     python benchmarks/accuracy_table.py --splits benchmarks/results/splits_10028_u32.json benchmarks/results/splits_10017_u32.json
     python benchmarks/accuracy_table.py --compare default evidence evidence_seed   # all-splits variants side by side
+    python benchmarks/accuracy_table.py --audits audits_10028 audits_10017 audits2_10017  # README "Audits"
 """
 from __future__ import annotations
 
@@ -129,8 +130,35 @@ def _split_means(runs) -> dict[tuple, np.ndarray]:
     return {k: np.mean(v, axis=0) for k, v in by.items()}
 
 
+def audit_tables(tags: list[str]) -> None:
+    """Count and threshold at each budget, raw / the answers' map alone / answers + audits (recipe with audits)."""
+    print("| dataset | labels (+audits) | probabilities | sum of p / true: mean (worst; runs within 15%) | "
+          "F1 lost: mean (worst; runs within 0.02) |")
+    print("|---|---|---|---|---|")
+    for tag in tags:
+        d = json.loads((RESULTS / f"accuracy_{tag}.json").read_text())
+        for ds, variants in d["results"].items():
+            for name, v in variants.items():
+                runs = v["runs"]
+                for b in range(len(runs[0]["active"])):
+                    aud = max(r["active"][b].get("audits", 0) for r in runs)
+                    for kind, say in (("raw", "raw"), ("answers_only", "answers"), ("calibrated", "answers + audits")):
+                        st = [r["active"][b]["threshold"].get(kind) for r in runs]
+                        st = [s for s in st if s]
+                        if not st or (kind == "calibrated" and not aud):
+                            continue
+                        ratio = np.array([s["expected"] / s["n_true"] for s in st])
+                        gap = np.array([s["f1_best"] - s["f1"] for s in st])
+                        print(f"| {NAMES.get(ds, ds)} ({len(st)} runs, {name}) | {runs[0]['active'][b]['labels']} (+{aud}) "
+                              f"| {say} | {ratio.mean():.3f} ({ratio[np.argmax(abs(ratio - 1))]:.3f}; "
+                              f"{int(np.sum(abs(ratio - 1) <= 0.15))}/{len(st)}) | {gap.mean():.3f} ({gap.max():.3f}; "
+                              f"{int(np.sum(gap <= 0.02))}/{len(st)}) |")
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--splits"]:
+    if sys.argv[1:2] == ["--audits"]:
+        audit_tables(sys.argv[2:])
+    elif sys.argv[1:2] == ["--splits"]:
         splits_tables(sys.argv[2:])
     elif sys.argv[1:2] == ["--compare"]:
         compare_tables(sys.argv[2:])

@@ -44,6 +44,8 @@ class BenchmarkSettings:
     ceiling: bool = False
     splits: str = "seed"  # 'seed': the seed draws the training micrographs; 'all': every choice of them x seeds
     calibrate: bool = True  # Platt-scale the logit on held-out answers before counting and thresholding
+    # for a recipe with audits: micrographs (of those not trained on) whose picks it audits, out of the evaluation
+    audit_micrographs: int = 2  # as workflow.AUDIT_MICROGRAPHS
     cache_dir: str | None = None
     device: str | None = None
 
@@ -135,7 +137,10 @@ def run_one(s: BenchmarkSettings, recipe: Recipe, seed: int, data, progress=prin
     rng = np.random.default_rng(seed)
     drawn = sorted(rng.choice(names, size=min(s.train_micrographs, len(names) - 1), replace=False).tolist())
     train = sorted(train) if train is not None else drawn
-    evals = [n for n in names if n not in train]
+    rest = [n for n in names if n not in train]
+    n_aud = min(s.audit_micrographs, len(rest) - 1) if recipe.audits > 0 else 0
+    audited = sorted(rest[(seed + i) % len(rest)] for i in range(n_aud))  # each seed audits another micrograph
+    evals = [n for n in rest if n not in audited]
     t0 = time.perf_counter()
     base_picks = [extract_picks(n, items_all[n].fmap.score, items_all[n].mic.frame, s.radius_px) for n in evals]
     base = _evaluate(base_picks, truth, s, shapes)
@@ -144,23 +149,30 @@ def run_one(s: BenchmarkSettings, recipe: Recipe, seed: int, data, progress=prin
     if out_dir:
         write_topaz(out_dir / "baseline.txt", base_picks)
 
-    learner = ActiveLearner([items_all[n] for n in train], s.radius_px, recipe, s.feature_model, seed=seed)
+    learner = ActiveLearner([items_all[n] for n in train], s.radius_px, recipe, s.feature_model, seed=seed,
+                            audit_items=[items_all[n] for n in audited])
     oracle = Oracle(truth, s.radius_px, s.oracle)
     labels: list[Label] = []
     active, round_times, rnd = [], [], 0
+    audits: list = []  # the audited picks asked so far (recipe audits), for the calibration
+
+    def trained() -> int:  # the budget counts answers on the training micrographs; audits come on top
+        return sum(1 for l in labels if l.micrograph in learner.items)
+
     if recipe.pseudo_labels > 0:
         learner.fit(labels)  # the published recipe starts from a model fitted on pseudo-labels alone
     for budget in sorted(s.budgets):
-        while len(labels) < budget:
-            k = min(s.batch, budget - len(labels))
+        while trained() < budget:
+            k = min(s.batch, budget - trained())
             tr = time.perf_counter()
             props = learner.initial_proposals(k, labels) if learner.model is None else learner.propose(k, labels)
             if rnd > 0:
                 round_times.append(time.perf_counter() - tr + learner.last_fit_s)
             if not props:
-                log.warning("no more proposals at %d labels", len(labels))
+                log.warning("no more proposals at %d labels", trained())
                 break
             labels += oracle.answer(props, rnd)
+            audits += [p for p in props if p.kind == "audit"]
             learner.fit(labels)
             rnd += 1
         if labels_at is not None:
@@ -169,29 +181,38 @@ def run_one(s: BenchmarkSettings, recipe: Recipe, seed: int, data, progress=prin
         ev = _evaluate(picks, truth, s, shapes)
         rec_b = {"raw": threshold_stats(ev)}
         if s.calibrate and learner.model is not None:
-            cal = calibrate(learner, labels)
+            cal = calibrate(learner, labels, audits=audits)
             attach(learner.model, cal)  # learner.picks now scores with the calibrated logit (same ranking)
             picks = [learner.picks(items_all[n].mic, items_all[n].fmap) for n in evals]
             ev = _evaluate(picks, truth, s, shapes)
-            rec_b["calibrated"] = {**threshold_stats(ev), "a": round(cal.a, 4), "b": round(cal.b, 4), "answers": cal.n}
+            rec_b["calibrated"] = {**threshold_stats(ev), "a": round(cal.a, 4), "b": round(cal.b, 4), "answers": cal.n,
+                                    "audits": cal.audits}
+            if cal.audits:  # what the answers alone would have given, on the same picks
+                plain = calibrate(learner, labels)
+                attach(learner.model, plain)
+                alone = _evaluate([learner.picks(items_all[n].mic, items_all[n].fmap) for n in evals], truth, s, shapes)
+                rec_b["answers_only"] = {**threshold_stats(alone), "a": round(plain.a, 4), "b": round(plain.b, 4)}
+                attach(learner.model, cal)
         shown = rec_b.get("calibrated", rec_b["raw"])
         rec_b["baseline_at_matched_recall"] = at_recall(base, shown["recall"])
-        n_pos = sum(l.label for l in labels)
-        active.append({"labels": len(labels), "positives": n_pos, "ap": round(ev.ap, 4), "ap90": round(ev.ap90, 4),
+        n_pos = sum(l.label for l in labels if l.micrograph in learner.items)
+        active.append({"labels": trained(), "positives": n_pos, "ap": round(ev.ap, 4), "ap90": round(ev.ap90, 4),
                        "recall": round(ev.recall, 4), "threshold": rec_b})
+        if audited:
+            active[-1]["audits"] = len(labels) - trained()
         if learner.model is not None and "prior_strength" in learner.model.meta:  # recipe prior_strength='evidence'
             active[-1]["prior_strength"] = learner.model.meta["prior_strength"]
         more = extra(learner, evals, budget) if extra is not None else None
         if more is not None:
             active[-1]["extra"] = more
-        progress(f"  [{recipe.name} seed {seed}] {len(labels):4d} labels ({n_pos} positive): AP {ev.ap:.3f} "
+        progress(f"  [{recipe.name} seed {seed}] {trained():4d} labels ({n_pos} positive): AP {ev.ap:.3f} "
                  f"AP90 {ev.ap90:.3f}  (baseline {base.ap:.3f})")
         if out_dir:
             write_topaz(out_dir / f"labels_{budget}.txt", picks)
     rec = {"recipe": recipe.name, "seed": seed, "oracle": s.oracle,
            "baseline": {"ap": round(base.ap, 4), "ap90": round(base.ap90, 4), "recall": round(base.recall, 4),
                         "threshold": base_thr},
-           "active": active, "train": train, "eval": evals}
+           "active": active, "train": train, "eval": evals, **({"audited": audited} if audited else {})}
     if s.ceiling:
         cl = ActiveLearner([items_all[n] for n in train], s.radius_px, recipe.with_(pseudo_labels=0),
                            s.feature_model, seed=seed)

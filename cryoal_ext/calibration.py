@@ -8,11 +8,15 @@ without its round (cross-validation over rounds), and a two-parameter map ``a * 
 fitted to those held-out scores with a weak prior towards the identity (few answers: little
 change).
 
-What it cannot see (issue 16, measured): the proposals are chosen uncertain, so the answers say
-much about ``P(particle | logit)`` near the decision boundary and little about the confident
-end, where most picks lie; there the map only extrapolates, and the false positives among
-confident picks (off-centre and junk picks) stay uncounted.  It narrows the count error and the
-threshold's F1 loss; it does not close them.
+What those answers cannot see (issue 16, measured): the proposals are chosen uncertain, so they
+say much about ``P(particle | logit)`` near the decision boundary and little about the picks
+(NMS maxima, mostly confident), where the count and the threshold live; there the map only
+extrapolates, and the false positives among confident picks stay uncounted.  Audits close that:
+proposals of kind ``audit`` (``Recipe.audits``) are picks of micrographs the model never trains
+on, drawn in proportion to their probability; the map fitted on the held-out answers becomes the
+prior centre of a second Platt fit on the audits (selection by the logit alone does not bias a fit
+of P(particle | logit)).  Why micrographs apart: on its training micrographs the model's picks are
+better than elsewhere (benchmarks/audit_fits.py), so audits there would mis-calibrate the rest.
 
 The map is affine in the logit with ``a > 0``, so the ranking, the picks and the AP are the
 same as the raw model's; only the probabilities (and so the suggested threshold and the
@@ -28,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # imports for type hints only: learner imports this module's users
+    from .acquisition import Proposal
     from .labels import Label
     from .learner import ActiveLearner
     from .model import BLR
@@ -50,6 +55,8 @@ class CalibrationSettings:
     # the refits start from the full fit and only score the held-out answers: max|grad| < 1e-5 gave
     # the same map to 1e-5 (10028, 100 labels) in 14 Newton steps over the 5 refits instead of 20
     refit_tol: float = 1e-5
+    # audits: fewer matched to an answer than this and the map stays the held-out answers' one
+    min_audits: int = 5
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class Calibration:
     n: int = 0
     n_positive: int = 0
     folds: int = 0
+    audits: int = 0  # audited picks the map was refined on (0: answers only)
 
     def logit(self, z):
         return self.a * np.asarray(z, dtype=np.float64) + self.b
@@ -77,21 +85,29 @@ class Calibration:
             return cls()
         try:
             return cls(a=float(d.get("a", 1.0)), b=float(d.get("b", 0.0)), n=int(d.get("n", 0)),
-                       n_positive=int(d.get("n_positive", 0)), folds=int(d.get("folds", 0)))
+                       n_positive=int(d.get("n_positive", 0)), folds=int(d.get("folds", 0)),
+                       audits=int(d.get("audits", 0)))
         except (TypeError, ValueError):
             return cls()
 
 
-def platt(z: np.ndarray, y: np.ndarray, s: CalibrationSettings = CalibrationSettings()) -> Calibration:
-    """MAP fit of ``P(y=1) = sigmoid(a z + b)`` with a Gaussian prior centred on the identity (Newton, 2 params)."""
+def platt(z: np.ndarray, y: np.ndarray, s: CalibrationSettings = CalibrationSettings(),
+          centre: tuple[float, float] = (1.0, 0.0), min_n: int | None = None) -> Calibration:
+    """MAP fit of ``P(y=1) = sigmoid(a z + b)``, Gaussian prior centred on ``centre`` (the identity), Newton.
+
+    Below ``min_n`` values (``s.min_answers``) the map is ``centre``; with one class only, too
+    (the identity prior has nothing to weigh).  With a centre other than the identity one class is
+    enough: all-positive audits say the picks are at least as good as the centre map claims.
+    """
     z = np.asarray(z, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     n, npos = int(z.size), int(y.sum())
-    if n < s.min_answers or npos == 0 or npos == n:
-        return Calibration(n=n, n_positive=npos)
+    at_identity = tuple(centre) == (1.0, 0.0)
+    if n < (s.min_answers if min_n is None else min_n) or (at_identity and npos in (0, n)):
+        return Calibration(a=float(centre[0]), b=float(centre[1]), n=n, n_positive=npos)
     lam = 1.0 / s.prior_sd ** 2
     A = np.c_[z, np.ones(n)]
-    centre = np.array([1.0, 0.0])
+    centre = np.array(centre, dtype=np.float64)
 
     def objective(th):
         u = A @ th
@@ -126,6 +142,26 @@ def _answers(learner: "ActiveLearner", labels: list["Label"]) -> list["Label"]:
     return [l for l in labels if l.micrograph in learner.items and l.source != "pseudo" and l.label in (0, 1)]
 
 
+def audit_answers(learner: "ActiveLearner", labels: list["Label"], audits) -> list[tuple["Label", "Proposal"]]:
+    """(answer, audit) for each audited pick answered: the nearest answer within a radius of it, each answer once.
+
+    Only answers on the learner's audit micrographs count (the model never trains there).
+    """
+    real = [l for l in labels if l.micrograph in learner.audit_items and l.source != "pseudo" and l.label in (0, 1)]
+    used, out = set(), []
+    for a in audits:
+        if getattr(a, "kind", "audit") != "audit" or a.micrograph not in learner.audit_items:
+            continue
+        near = [(np.hypot(l.x - a.x, l.y - a.y), i) for i, l in enumerate(real)
+                if l.micrograph == a.micrograph and i not in used]
+        near = [(d, i) for d, i in near if d <= learner.radius_px]
+        if near:
+            i = min(near)[1]
+            used.add(i)
+            out.append((real[i], a))
+    return out
+
+
 def held_out_logits(learner: "ActiveLearner", labels: list["Label"],
                     s: CalibrationSettings = CalibrationSettings()) -> tuple[np.ndarray, np.ndarray, int]:
     """Each answer's logit under a model fitted on the other folds (pseudo-labels kept in every fit); the fold count."""
@@ -141,16 +177,26 @@ def held_out_logits(learner: "ActiveLearner", labels: list["Label"],
     return z, np.array([l.label for l in real], dtype=np.float64), int(np.unique(fold).size)
 
 
-def calibrate(learner: "ActiveLearner", labels: list["Label"],
-              s: CalibrationSettings = CalibrationSettings()) -> Calibration:
-    """The calibration of the learner's current fit, from its held-out answers."""
+def calibrate(learner: "ActiveLearner", labels: list["Label"], s: CalibrationSettings = CalibrationSettings(),
+              audits=()) -> Calibration:
+    """The calibration of the learner's current fit: from its held-out answers, refined on answered audits.
+
+    An audit's logit is the current model's at the audited spot (the pick, not an answer's
+    re-centred position): held out, as the model never trains on an audit micrograph.
+    """
     real = _answers(learner, labels)
     n, npos = len(real), sum(l.label for l in real)
     if n < s.min_answers:
         return Calibration(n=n, n_positive=npos)  # too few answers to move the probabilities: raw ones
     z, y, k = held_out_logits(learner, labels, s)
     cal = platt(z, y, s)
-    return Calibration(cal.a, cal.b, n, npos, k)
+    pairs = audit_answers(learner, labels, audits)
+    if len(pairs) < s.min_audits:
+        return Calibration(cal.a, cal.b, n, npos, k)
+    za = learner.audit_logits([(a.micrograph, a.x, a.y) for _, a in pairs])
+    ya = np.array([l.label for l, _ in pairs], dtype=np.float64)
+    ref = platt(za, ya, s, centre=(cal.a, cal.b), min_n=s.min_audits)
+    return Calibration(ref.a, ref.b, n, npos, k, len(pairs))
 
 
 def attach(model: "BLR", cal: Calibration) -> "BLR":

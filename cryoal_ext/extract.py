@@ -7,6 +7,8 @@ import numpy as np
 
 from .coords import Frame
 
+MIN_PICK_SCORE = 1e-4  # picks below this probability are dropped: far below any threshold a user would choose
+
 
 def _disc(radius: float) -> tuple[np.ndarray, np.ndarray]:
     r = int(np.floor(radius))
@@ -137,7 +139,7 @@ def extract_picks(
     frame: Frame,
     radius_px: float,
     threshold: float | None = None,
-    min_score: float = 1e-4,
+    min_score: float = MIN_PICK_SCORE,
 ) -> Picks:
     """NMS on a working-scale logit map with the particle radius; scores become probabilities.
 

@@ -12,7 +12,7 @@ import numpy as np
 from .calibration import calibrated
 from .acquisition import Proposal, entropy, entropy_peaks, peaks, spread_in_features
 from . import evidence
-from .extract import Picks, extract_picks, sigmoid
+from .extract import MIN_PICK_SCORE, Picks, extract_picks, nms, sigmoid
 from .features import DEFAULT_FEATURE_MODEL, FeatureMap, blas_threads, head_of
 from .io import Micrograph
 from .labels import Label
@@ -57,18 +57,30 @@ class ActiveLearner:
     EVIDENCE_TOL = 1e-6  # max|grad| of the fits that only score a prior strength (evidence.choose)
 
     def __init__(self, items: list[Item], radius_px: float, recipe: Recipe, feature_model: str = DEFAULT_FEATURE_MODEL,
-                 seed: int = 0, in_memory: bool | None = None):
+                 seed: int = 0, in_memory: bool | None = None, audit_items: list[Item] = ()):
         if not items:
             raise ValueError("no training micrographs")
+        if recipe.audits > 0 and not audit_items:
+            raise ValueError(f"recipe {recipe.name!r} asks {recipe.audits} audits a round about the picks of a "
+                             "micrograph it never trains on, and none was given: it needs one micrograph more than "
+                             "the training ones (audits run in `cryoal round` and `cryoal benchmark "
+                             "--audit-micrographs 1`; the RELION, cryoSPARC and napari front ends do not offer them yet)")
+        clash = {it.mic.name for it in items} & {it.mic.name for it in audit_items}
+        if clash:
+            raise ValueError(f"micrograph(s) {', '.join(sorted(clash))} both trained on and audited: an audit "
+                             "micrograph is one the model never trains on")
         if in_memory is None:
             in_memory = sum(it.fmap.nbytes_float32 for it in items) <= IN_MEMORY_LIMIT
         if in_memory:
             # float32 copies in RAM: every round reads all training pixels (logits) and gathers label rows
             items = [Item(it.mic, it.fmap.in_memory()) for it in items]
         self.items = {it.mic.name: it for it in items}
+        # micrographs never trained on: the recipe's audits ask about their picks (calibration.py)
+        self.audit_items = {it.mic.name: it for it in audit_items}
         self.radius_px = float(radius_px)
         self.recipe = recipe
         self.feature_model = feature_model
+        self.seed = int(seed)
         self.rng = np.random.default_rng(seed)
         self.model: BLR | None = None
         self._logits: dict[str, np.ndarray] = {}
@@ -369,7 +381,11 @@ class ActiveLearner:
         return [Proposal(n, c[1], c[2], c[3], kind) for n, c in chosen]
 
     def propose(self, k: int, labels: list[Label]) -> list[Proposal]:
-        """The k most uncertain peaks (entropy), spread as the recipe says; some confident ones if asked."""
+        """The k most uncertain peaks (entropy), spread as the recipe says; some confident ones if asked.
+
+        Then, once the recipe's ``audit_after`` answers on the training micrographs are in, its
+        ``audits`` per round on the audit micrographs, on top of the k (``audits``).
+        """
         r = self.recipe
         n_conf = int(round(k * r.confident_fraction)) if self.model is not None else 0
         n_unc = k - n_conf
@@ -377,7 +393,54 @@ class ActiveLearner:
             unc = self._take_diverse(n_unc, labels)
         else:
             unc = self._take(self._candidates("entropy", labels, n_unc), n_unc, "uncertain", r.spread)
-        return unc + self._confident(n_conf, labels + [Label(p.micrograph, p.x, p.y, 0) for p in unc])
+        props = unc + self._confident(n_conf, labels + [Label(p.micrograph, p.x, p.y, 0) for p in unc])
+        answers = sum(1 for l in labels if l.micrograph in self.items and l.source != "pseudo")
+        if r.audits > 0 and answers >= r.audit_after:
+            props += self.audits(r.audits, labels, draw=answers)
+        return props
+
+    def audits(self, k: int, labels: list[Label], draw: int = 0) -> list[Proposal]:
+        """``k`` of the current picks of the audit micrographs, drawn in proportion to their probability.
+
+        Why: the count and the threshold are about the picks (NMS maxima, mostly confident) of
+        micrographs the model was not trained on; the uncertain proposals never sample them, and
+        the training micrographs' own picks are better than the rest (measured: their probabilities
+        under-count there while over-counting elsewhere; benchmarks/audit_fits.py).  Drawn this way
+        each audit stands for an equal share of the expected count.  Picks within a radius of a spot
+        already labelled are left out.  ``draw`` seeds the draw with the learner's seed, so a round
+        re-run asks the same and the next round anew.
+        """
+        if k <= 0 or self.model is None or not self.audit_items:
+            return []
+        floor = float(np.log(MIN_PICK_SCORE / (1.0 - MIN_PICK_SCORE)))
+        pool = []
+        for name, it in self.audit_items.items():
+            rw = it.mic.frame.radius_to_working(self.radius_px)
+            iy, ix, v = nms(self.model.logit_map(it.fmap.features), rw, threshold=floor)
+            sel = [l for l in labels if l.micrograph == name]
+            if sel and len(iy):
+                lx, ly = it.mic.frame.to_working_index([l.x for l in sel], [l.y for l in sel])
+                d2 = (iy[:, None] - ly[None, :]) ** 2 + (ix[:, None] - lx[None, :]) ** 2
+                keep = d2.min(1) > rw * rw
+                iy, ix, v = iy[keep], ix[keep], v[keep]
+            x, y = it.mic.frame.to_original(ix, iy)
+            pool += [(name, float(a), float(b), float(p)) for a, b, p in zip(x, y, sigmoid(v))]
+        if not pool:
+            return []
+        w = np.array([q[3] for q in pool])
+        rng = np.random.default_rng([self.seed, int(draw), 16])
+        take = rng.choice(len(pool), size=min(k, len(pool)), replace=False, p=w / w.sum())
+        return [Proposal(pool[i][0], pool[i][1], pool[i][2], pool[i][3], "audit") for i in take]
+
+    def audit_logits(self, points: list[tuple[str, float, float]]) -> np.ndarray:
+        """The current model's logits at (audit micrograph, x, y) spots: held out, as it never trains there."""
+        out = np.empty(len(points))
+        for name in {p[0] for p in points}:
+            at = [i for i, p in enumerate(points) if p[0] == name]
+            it = self.audit_items[name]
+            ix, iy = it.mic.frame.to_working_index([points[i][1] for i in at], [points[i][2] for i in at])
+            out[at] = self.model.decision_function(it.fmap.at(iy, ix))
+        return out
 
     def _confident(self, k: int, labels: list[Label]) -> list[Proposal]:
         if k <= 0:

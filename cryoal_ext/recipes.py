@@ -35,12 +35,19 @@ class Recipe:
     # 'features': k of the diversity_pool * k most uncertain peaks, spread in feature space
     diversity_pool: int = 6
     confident_fraction: float = 0.0  # share of each batch given to confident picks (calibration checks)
+    # audits (issue 16, item 3): once audit_after answers are in, each round also asks this many questions about
+    # the picks of the audit micrographs (never trained on), drawn in proportion to their probability;
+    # calibration.py refines its map on the answers.  On top of the batch: they never train the model
+    audits: int = 0
+    audit_after: int = 50  # audits refine the held-out-answer map, which needs CalibrationSettings.min_answers
 
     def __post_init__(self):
         if self.spread not in ("none", "micrographs", "features"):
             raise ValueError(f"unknown spread {self.spread!r}; choose none, micrographs or features")
         if self.prior_strength not in ("fixed", "evidence"):
             raise ValueError(f"unknown prior_strength {self.prior_strength!r}; choose fixed or evidence")
+        if self.audits < 0 or self.audit_after < 0:
+            raise ValueError(f"audits {self.audits} and audit_after {self.audit_after}: neither can be negative")
         if self.prior_strength == "evidence" and self.l2 <= 0:
             raise ValueError("prior_strength='evidence' needs l2 > 0 (a proper prior to scale)")
 
@@ -69,7 +76,11 @@ DEFAULT = Recipe(name="default", l2=10.0, pseudo_labels=100, pseudo_weight=0.3, 
 # the evidence of the answers instead of held constant (issue 16; README "Accuracy").
 EVIDENCE = DEFAULT.with_(name="evidence", prior_strength="evidence")
 
-RECIPES = {"seed": SEED, "default": DEFAULT, "evidence": EVIDENCE}
+# The default, and from 50 answers on 6 audits a round (on top of the batch) of the picks of one micrograph it
+# never trains on, which refine the calibration (issue 16, item 3; README "Probabilities").
+AUDITED = DEFAULT.with_(name="audited", audits=6, audit_after=50)
+
+RECIPES = {"seed": SEED, "default": DEFAULT, "evidence": EVIDENCE, "audited": AUDITED}
 
 
 def get_recipe(name: str, **overrides) -> Recipe:
@@ -80,3 +91,17 @@ def get_recipe(name: str, **overrides) -> Recipe:
     if bad:
         raise ValueError(f"unknown recipe setting(s): {', '.join(sorted(bad))}")
     return replace(RECIPES[name], **overrides)
+
+
+def offered_in(name: str, front_end: str) -> str:
+    """``name`` if ``front_end`` can run that recipe; refused early, before anything is written, if not.
+
+    Why: a recipe with audits needs a micrograph the front end never trains on, featurised and shown
+    for review; only ``cryoal round`` and the benchmark provide one so far.
+    """
+    recipe = get_recipe(name)
+    if recipe.audits > 0:
+        raise ValueError(f"recipe {name!r} (audits of a micrograph never trained on) runs in `cryoal round` and "
+                         f"`cryoal benchmark` only, not yet in {front_end}; choose one of "
+                         f"{', '.join(n for n, r in RECIPES.items() if r.audits == 0)}")
+    return name

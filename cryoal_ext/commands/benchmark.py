@@ -30,6 +30,9 @@ def add_arguments(p) -> None:
                         "--train-micrographs of them, each with every seed (mean and worst reported)")
     p.add_argument("--no-calibration", action="store_true",
                    help="count and threshold with the raw BLR probabilities (no Platt scaling on held-out answers)")
+    p.add_argument("--audit-micrographs", type=positive_int, default=2,
+                   help="for a recipe with audits (audited): micrographs not trained on whose picks it audits, "
+                        "left out of the evaluation")
     p.add_argument("--ceiling", action="store_true", help="also train on every true particle of the training micrographs")
     p.add_argument("--json", required=True, help="output JSON; beside it OUT.png (AP vs labels), "
                    "OUT_calibration.png (reliability, expected vs true count), OUT_fig3.png (true/false positives)")
@@ -68,6 +71,7 @@ def main(args) -> int:
         recipes=tuple(r.strip() for r in args.recipe.split(",") if r.strip()),
         recipe_overrides=_overrides(args.set), ceiling=args.ceiling, splits=args.splits,
         calibrate=not args.no_calibration, cache_dir=args.cache_dir, device=args.device,
+        audit_micrographs=args.audit_micrographs,
     )
     result = run_benchmark(s, args.json, args.picks_out)
     shown = result["summary"] if "summary" in result else {k: result[k] for k in ("baseline", "active", "timing")}

@@ -14,7 +14,8 @@ from ..recipes import get_recipe
 from ..review import Answer, Edited, apply_answers
 from ..session import Session
 from ..validate import positive_int
-from ..workflow import EngineSettings, MicrographSpec, choose_training, featurise, labelling_round, predict
+from ..workflow import (EngineSettings, MicrographSpec, audit_micrographs, choose_audit, choose_training, featurise,
+                        labelling_round, predict)
 from .common import add_engine_arguments, add_size_arguments, apply_threads, check_inputs
 from .features import expand
 
@@ -107,19 +108,25 @@ def main(args) -> int:
         for msg in session.note_settings({"recipe": args.recipe, "feature_model": args.feature_model,
                                           "working_pixel_size": args.working_pixel_size}):
             print(f"warning: {msg}")
-        train = choose_training(list(specs), args.train_micrographs, args.seed,
-                                {l.micrograph for l in session.labels.effective()})
+        recipe = get_recipe(args.recipe)
+        audited = [n for n in audit_micrographs(session) if n in specs]  # never trained on, whatever their labels
+        train = choose_training([n for n in specs if n not in audited], args.train_micrographs, args.seed,
+                                {l.micrograph for l in session.labels.effective()} - set(audited))
+        audited = choose_audit(session, list(specs), train, recipe, args.seed)
         items = list(featurise([specs[n] for n in train], s))
+        audit_items = list(featurise([specs[n] for n in audited], s)) if recipe.audits > 0 else []
         radius = args.radius_px or s.radius_for(items[0].mic.frame.pixel_size)
-        res = labelling_round(session, items, get_recipe(args.recipe), radius, args.batch, args.feature_model, args.seed)
+        res = labelling_round(session, items, recipe, radius, args.batch, args.feature_model, args.seed,
+                              audit_items=audit_items)
         out = Path(args.session) / f"round_{rnd:03d}"
         write_topaz(out / "queries.txt", [Picks(n, np.array([p.x for p in res.proposals if p.micrograph == n]),
                                                 np.array([p.y for p in res.proposals if p.micrograph == n]),
                                                 np.array([p.score for p in res.proposals if p.micrograph == n]))
-                                          for n in train])
+                                          for n in train + [a.mic.name for a in audit_items]])
         write_topaz(out / "picks.txt", [pk for _, pk in predict(items, res.model, radius)])
         session.record(round=rnd, labels_added=added, labels=res.n_labels, positives=res.n_positive,
-                       train=train, reviewed=reviewed, fit_s=round(res.fit_s, 3), propose_s=round(res.propose_s, 3))
+                       train=train, **({"audited": [a.mic.name for a in audit_items]} if audit_items else {}),
+                       reviewed=reviewed, fit_s=round(res.fit_s, 3), propose_s=round(res.propose_s, 3))
         session.save_state(round=rnd + 1)
         again = f" ({len(outcome.repeated)} answer(s) applied before, skipped)" if outcome.repeated else ""
         print(f"round {rnd}: +{added} labels{again} ({res.n_labels} total, {res.n_positive} positive); "
@@ -135,6 +142,10 @@ def _check_round_inputs(args) -> None:
     files = expand(args.micrographs)
     check_inputs(args, files, {"session folder (--session)": args.session,
                                "feature cache folder (--cache-dir)": args.cache_dir})
+    recipe = get_recipe(args.recipe)
+    if recipe.audits > 0 and len({f.stem for f in files}) <= args.train_micrographs:
+        raise ValueError(f"--recipe {args.recipe}: its audits ask about a micrograph never trained on, so it needs "
+                         f"more micrographs than --train-micrographs {args.train_micrographs} (got {len(files)})")
     shapes = {f.stem: h.shape for f in files if (h := read_header(f)) is not None}
     for f in [*args.positives, *args.negatives, *([args.reviewed] if args.reviewed else [])]:
         check_inside(read_coordinates(f), shapes, f)

@@ -81,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args) -> RoundSettings:
+    from ..recipes import offered_in
+
+    offered_in(args.recipe, "the cryoSPARC job")
     return RoundSettings(radius_px=args.radius_px, diameter_A=args.diameter_A, feature_model=args.feature_model,
                          working_pixel_size=args.working_pixel_size, cache_dir=args.cache_dir, device=args.device,
                          pixel_size=args.pixel_size, batch=args.batch, train_micrographs=args.train_micrographs,

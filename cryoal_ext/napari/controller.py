@@ -28,7 +28,7 @@ from ..io import MICROGRAPH_SUFFIXES, list_micrographs, load_micrograph, microgr
 from ..labels import Label, LabelStore
 from ..learner import ActiveLearner, Item
 from ..model import BLR
-from ..recipes import Recipe, get_recipe
+from ..recipes import Recipe, get_recipe, offered_in
 from ..session import Session
 from ..workflow import EngineSettings, MicrographSpec, featurise, predict, suggest_threshold
 
@@ -98,7 +98,7 @@ class LabellingController:
 
             settings = EngineSettings(cache_dir=default_cache())
         self.settings = settings
-        self.recipe = recipe if isinstance(recipe, Recipe) else get_recipe(recipe)
+        self.recipe = recipe if isinstance(recipe, Recipe) else get_recipe(offered_in(recipe, "the napari plugin"))
         self.batch = int(batch)
         self.seed = int(seed)
         self.specs: dict[str, MicrographSpec] = {}

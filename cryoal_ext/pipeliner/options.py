@@ -207,7 +207,7 @@ def add_active_learning(job) -> None:
     )
     jo["recipe"] = MultipleChoiceJobOption(
         label="Engine recipe:",
-        choices=list(RECIPES),
+        choices=[n for n, r in RECIPES.items() if r.audits == 0],  # audits: `cryoal round` only, so far
         default_value="default",
         help_text="'default': our tuned settings; 'seed': the published method as it was described; "
                   "'evidence': the default with its prior's strength chosen each round by the answers' evidence.",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..features import DEFAULT_FEATURE_MODEL, parse_feature_model
+from ..recipes import offered_in
 from .star import RelionError, job_dir
 
 
@@ -189,6 +190,10 @@ def settings_from_args(args) -> JobSettings:
                 raise RelionError(f"--{name} {v}: must be positive")
             setattr(s, name, v)
     s.recipe = _text(g("recipe")) or s.recipe
+    try:
+        offered_in(s.recipe, "the RELION job")
+    except ValueError as exc:
+        raise RelionError(f"--recipe: {exc}") from None
     s.labels, s.negatives = _files(g("labels")), _files(g("negatives"))
     s.relion_version = _text(g("relion_version"))
     s.feature_model = _text(g("feature_model")) or s.feature_model

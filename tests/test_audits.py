@@ -1,0 +1,199 @@
+"""Audits (issue 16, item 3): proposals that ask about the picks themselves, and the calibration refined on them.
+
+Synthetic checks of the fit and the matching, then the learner on the bundled example crops (resnet16_u32).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cryoal_ext.acquisition import Proposal
+from cryoal_ext.calibration import CalibrationSettings, audit_answers, calibrate, platt
+from cryoal_ext.labels import Label
+from cryoal_ext.recipes import get_recipe
+
+
+def test_recipe_audit_settings_are_checked():
+    assert get_recipe("default", audits=4).audits == 4
+    for bad in ({"audits": -1}, {"audit_after": -5}):
+        with pytest.raises(ValueError, match="audit"):
+            get_recipe("default", **bad)
+
+
+def test_platt_around_a_centre_moves_only_as_far_as_the_audits_say():
+    rng = np.random.default_rng(0)
+    centre = (0.8, 0.2)
+    # picks at logit ~5 that are right only half the time: the map must bring them down towards 0.5
+    z = rng.normal(5.0, 1.0, 400)
+    y = rng.random(z.size) < 0.5
+    cal = platt(z, y, centre=centre, min_n=5)
+    p = cal.prob(5.0)
+    assert 0.4 < p < 0.65 and cal.n == 400
+    # all-positive audits are evidence too (around a centre other than the identity): nothing falls
+    ones = platt(z[:20], np.ones(20), centre=centre, min_n=5)
+    assert ones.prob(5.0) >= 1 / (1 + np.exp(-(0.8 * 5 + 0.2))) - 1e-9
+    # under min_n: the centre itself
+    few = platt(z[:4], y[:4], centre=centre, min_n=5)
+    assert (few.a, few.b) == centre
+
+
+def test_each_audit_takes_the_nearest_answer_on_an_audit_micrograph_within_a_radius_once():
+    class L:  # the learner's attributes audit_answers reads
+        audit_items = {"a1": None, "a2": None}
+        radius_px = 10.0
+
+    labels = [Label("a1", 100, 100, 1), Label("a1", 104, 100, 0), Label("a2", 50, 50, 1), Label("a1", 300, 300, 0),
+              Label("t1", 103, 100, 1), Label("a1", 102, 100, 1, "pseudo")]
+    audits = [Proposal("a1", 103, 100, 0.9, "audit"), Proposal("a1", 101, 100, 0.9, "audit"),
+              Proposal("a2", 80, 50, 0.9, "audit"), Proposal("a1", 300, 300, 0.9, "uncertain"),
+              Proposal("t1", 103, 100, 0.9, "audit")]
+    pairs = audit_answers(L(), labels, audits)
+    # the first audit takes its nearest answer (104, 100), the second the next; a2's is too far; an uncertain
+    # proposal, a training micrograph's answer and a pseudo-label are no audit answers
+    assert [(l.x, a.x) for l, a in pairs] == [(104, 103), (100, 101)]
+
+
+@pytest.fixture(scope="module")
+def learner_run(example_data, feature_cache):
+    from cryoal_ext.features import FeatureCache
+    from cryoal_ext.files import by_micrograph, read_coordinates
+    from cryoal_ext.io import load_micrograph
+    from cryoal_ext.learner import ActiveLearner, Item
+    from cryoal_ext.oracle import Oracle
+
+    cache = FeatureCache(feature_cache, "resnet16_u32", "cpu")
+    mics = [load_micrograph(example_data / "micrographs" / f"{n}.mrc") for n in
+            ("061_10028_crop", "311_10028_crop", "312_10028_crop")]
+    items = [Item(m, cache.get(m)) for m in mics]
+    recipe = get_recipe("default", audits=3, audit_after=16)
+    learner = ActiveLearner(items[:2], 28.0, recipe, "resnet16_u32", seed=3, audit_items=items[2:])
+    oracle = Oracle(by_micrograph(read_coordinates(example_data / "particles.txt")), 28.0, "careful")
+    labels, asked = [], []
+    learner.fit(labels)
+    for rnd in range(5):
+        props = learner.initial_proposals(8, labels) if rnd == 0 else learner.propose(8, labels)
+        asked.append(props)
+        labels += oracle.answer(props, rnd)
+        learner.fit(labels)
+    return learner, items, recipe, labels, asked
+
+
+def test_audits_come_on_top_after_enough_answers_and_ask_about_picks_of_the_audit_micrograph(learner_run):
+    from cryoal_ext.extract import extract_picks
+    from cryoal_ext.learner import ActiveLearner
+
+    learner, items, recipe, labels, asked = learner_run
+    kinds = [[p.kind for p in props] for props in asked]
+    assert all("audit" not in k for k in kinds[:2])  # 0 and 8 training answers before them; round 2 has 16
+    assert all(k.count("audit") == 3 and len(k) == 11 for k in kinds[2:])  # the batch of 8, and 3 on top
+    audit_mic = items[2].mic.name
+    assert {p.micrograph for props in asked for p in props if p.kind == "audit"} == {audit_mic}
+    assert all(p.micrograph != audit_mic for props in asked for p in props if p.kind != "audit")
+    # the model never trains on the audit micrograph's answers
+    trained_on = [l for l in labels if l.micrograph in learner.items]
+    refit = ActiveLearner(items[:2], 28.0, recipe.with_(audits=0), "resnet16_u32", seed=3)
+    assert np.allclose(refit.fit(trained_on).coef_, learner.model.coef_, atol=1e-6)
+    # an audit is a pick of the current model there (an NMS maximum), never within a radius of a labelled spot
+    props = learner.audits(5, labels, draw=len(labels))
+    assert len(props) == 5 and {p.kind for p in props} == {"audit"}
+    it = items[2]
+    pk = extract_picks(audit_mic, learner.model.logit_map(it.fmap.features), it.mic.frame, 28.0)
+    for p in props:
+        assert np.min(np.hypot(pk.x - p.x, pk.y - p.y)) < 1e-6
+        assert all(np.hypot(l.x - p.x, l.y - p.y) > 28.0 for l in labels if l.micrograph == audit_mic)
+    # the same draw again asks the same; another draw (a later round) asks anew
+    again = ActiveLearner(items[:2], 28.0, recipe, "resnet16_u32", seed=3, audit_items=items[2:])
+    again.model = learner.model
+    assert [(p.x, p.y) for p in again.audits(5, labels, draw=len(labels))] == [(p.x, p.y) for p in props]
+    assert [(p.x, p.y) for p in learner.audits(5, labels, draw=len(labels) + 1)] != [(p.x, p.y) for p in props]
+    with pytest.raises(ValueError, match="both trained on and audited"):
+        ActiveLearner(items[:2], 28.0, recipe, "resnet16_u32", audit_items=items[1:])
+
+
+def test_calibration_is_refined_on_answered_audits_only_past_the_answer_gate(learner_run):
+    learner, _, _, labels, asked = learner_run
+    audits = [p for props in asked for p in props if p.kind == "audit"]
+    s = CalibrationSettings(min_answers=12, min_audits=3)
+    plain, refined = calibrate(learner, labels, s), calibrate(learner, labels, s, audits=audits)
+    assert plain.audits == 0 and plain.n == 40  # the answers on the training micrographs only
+    assert refined.audits == len(audit_answers(learner, labels, audits)) >= 3
+    assert (refined.a, refined.b) != (plain.a, plain.b) and refined.a > 0
+    assert calibrate(learner, labels, CalibrationSettings(min_answers=12, min_audits=50), audits=audits) == plain
+    gated = calibrate(learner, labels, audits=audits)  # 40 answers, under the default's 60: raw probabilities
+    assert (gated.a, gated.b, gated.audits) == (1.0, 0.0, 0)
+
+
+def test_cli_round_with_audits_keeps_one_micrograph_apart_and_asks_about_its_picks(tmp_path, feature_cache, capsys):
+    import json
+
+    from conftest import blob_image, write_mrc
+    from cryoal_ext.cli import main
+    from cryoal_ext.files import read_coordinates
+    from cryoal_ext.session import Session
+
+    centres = [(60, 60), (190, 70), (70, 190), (180, 180), (128, 128)]
+    for i, name in enumerate(["mic_a", "mic_b", "mic_c"]):
+        write_mrc(tmp_path / f"{name}.mrc", blob_image((256, 256), centres, sigma=4.0, amplitude=5.0, noise=0.5,
+                                                        seed=i).astype(np.float32), voxel_size=4.0)
+    grid = [(x, y) for x in range(16, 250, 20) for y in range(16, 250, 20)
+            if min(np.hypot(x - cx, y - cy) for cx, cy in centres) > 30][:55]
+    pos, neg = tmp_path / "pos.txt", tmp_path / "neg.txt"
+    pos.write_text("image_name\tx_coord\ty_coord\n" + "".join(f"mic_a\t{x}\t{y}\n" for x, y in centres))
+    neg.write_text("image_name\tx_coord\ty_coord\n" + "".join(f"mic_a\t{x}\t{y}\n" for x, y in grid))
+    fast = ["--feature-model", "resnet16_u32", "--device", "cpu", "--threads", "1", "--cache-dir", feature_cache]
+    mics = sorted(str(p) for p in tmp_path.glob("*.mrc"))
+    s = tmp_path / "S"
+    # too few micrographs for audits: refused before anything is written
+    rc = main(["round", *mics[:1], "--session", str(s), "--radius-px", "12", "--recipe", "audited",
+               "--train-micrographs", "1", *fast])
+    assert rc == 1 and "never trained on" in capsys.readouterr().err and not s.exists()
+    rc = main(["round", *mics, "--session", str(s), "--radius-px", "12", "--recipe", "audited", "--batch", "4",
+               "--train-micrographs", "1", "--positives", str(pos), "--negatives", str(neg), *fast])
+    assert rc == 0
+    session = Session(s)
+    audited = session.state["audit_micrographs"]
+    train = session.state["history"][-1]["train"]
+    assert 1 <= len(audited) <= 2 and not set(audited) & set(train) and "mic_a" in train
+    assert sorted(set(audited) | set(train)) == ["mic_a", "mic_b", "mic_c"]  # up to 2 audited, of those left
+    props = session.load_proposals(0)
+    audits = [p for p in props if p.kind == "audit"]
+    assert len(audits) == 6 and {p.micrograph for p in audits} <= set(audited)  # 60 answers in: 6 audits on top
+    assert sum(p.kind != "audit" for p in props) == 4
+    queries = read_coordinates(s / "round_000" / "queries.txt")
+    assert queries.image_name.isin(audited).sum() == 6  # shown for review with the rest
+    # the review (every query kept) is read back; the audit answers calibrate and never train
+    rc = main(["round", *mics, "--session", str(s), "--radius-px", "12", "--recipe", "audited", "--batch", "4",
+               "--train-micrographs", "1", "--reviewed", str(s / "round_000" / "queries.txt"), *fast])
+    assert rc == 0
+    session = Session(s)
+    on_audit = [l for l in session.labels.effective() if l.micrograph in audited]
+    assert len(on_audit) == 6 and session.state["audit_micrographs"] == audited
+    assert not set(audited) & set(session.state["history"][-1]["train"])
+    from cryoal_ext.calibration import of
+    from cryoal_ext.model import BLR
+
+    assert of(BLR.load(session.model_path)).audits == 6
+    # the other front ends refuse the recipe up front, naming it
+    from cryoal_ext.recipes import offered_in
+
+    with pytest.raises(ValueError, match="not yet in the RELION job"):
+        offered_in("audited", "the RELION job")
+    assert offered_in("default", "the RELION job") == "default"
+    json.dumps(session.state)  # plain data
+
+
+def test_front_ends_without_an_audit_micrograph_refuse_the_recipe_up_front(tmp_path):
+    import argparse
+
+    from cryoal_ext.napari.controller import LabellingController
+    from cryoal_ext.relion.settings import add_arguments, settings_from_args
+    from cryoal_ext.relion.star import RelionError
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--o", str(tmp_path / "External" / "job001"), "--recipe", "audited"])
+    with pytest.raises(RelionError, match="--recipe: recipe 'audited'.*not yet in the RELION job"):
+        settings_from_args(args)
+    with pytest.raises(ValueError, match="not yet in the napari plugin"):
+        LabellingController(recipe="audited")
+    assert not (tmp_path / "External").exists()
