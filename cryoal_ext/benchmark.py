@@ -186,7 +186,7 @@ def run_one(s: BenchmarkSettings, recipe: Recipe, seed: int, data, progress=prin
             picks = [learner.picks(items_all[n].mic, items_all[n].fmap) for n in evals]
             ev = _evaluate(picks, truth, s, shapes)
             rec_b["calibrated"] = {**threshold_stats(ev), "a": round(cal.a, 4), "b": round(cal.b, 4), "answers": cal.n,
-                                    "audits": cal.audits}
+                                    **({"audits": cal.audits} if cal.audits else {})}
             if cal.audits:  # what the answers alone would have given, on the same picks
                 plain = calibrate(learner, labels)
                 attach(learner.model, plain)
