@@ -12,7 +12,7 @@ import numpy as np
 from .calibration import calibrated
 from .acquisition import Proposal, entropy, entropy_peaks, peaks, spread_in_features
 from . import evidence
-from .extract import MIN_PICK_SCORE, Picks, extract_picks, nms, sigmoid
+from .extract import Picks, extract_picks, sigmoid
 from .features import DEFAULT_FEATURE_MODEL, FeatureMap, blas_threads, head_of
 from .io import Micrograph
 from .labels import Label
@@ -63,8 +63,7 @@ class ActiveLearner:
         if recipe.audits > 0 and not audit_items:
             raise ValueError(f"recipe {recipe.name!r} asks {recipe.audits} audits a round about the picks of a "
                              "micrograph it never trains on, and none was given: it needs one micrograph more than "
-                             "the training ones (audits run in `cryoal round` and `cryoal benchmark "
-                             "--audit-micrographs 1`; the RELION, cryoSPARC and napari front ends do not offer them yet)")
+                             "the training ones (audits run in `cryoal round` and `cryoal benchmark`; the RELION, cryoSPARC and napari front ends do not offer them yet)")
         clash = {it.mic.name for it in items} & {it.mic.name for it in audit_items}
         if clash:
             raise ValueError(f"micrograph(s) {', '.join(sorted(clash))} both trained on and audited: an audit "
@@ -412,19 +411,15 @@ class ActiveLearner:
         """
         if k <= 0 or self.model is None or not self.audit_items:
             return []
-        floor = float(np.log(MIN_PICK_SCORE / (1.0 - MIN_PICK_SCORE)))
         pool = []
         for name, it in self.audit_items.items():
-            rw = it.mic.frame.radius_to_working(self.radius_px)
-            iy, ix, v = nms(self.model.logit_map(it.fmap.features), rw, threshold=floor)
-            sel = [l for l in labels if l.micrograph == name]
-            if sel and len(iy):
-                lx, ly = it.mic.frame.to_working_index([l.x for l in sel], [l.y for l in sel])
-                d2 = (iy[:, None] - ly[None, :]) ** 2 + (ix[:, None] - lx[None, :]) ** 2
-                keep = d2.min(1) > rw * rw
-                iy, ix, v = iy[keep], ix[keep], v[keep]
-            x, y = it.mic.frame.to_original(ix, iy)
-            pool += [(name, float(a), float(b), float(p)) for a, b, p in zip(x, y, sigmoid(v))]
+            pk = extract_picks(name, self.model.logit_map(it.fmap.features), it.mic.frame, self.radius_px)
+            keep = np.ones(len(pk), bool)
+            sel = [(l.x, l.y) for l in labels if l.micrograph == name]
+            if sel and len(pk):
+                lab = np.asarray(sel, float)
+                keep = np.hypot(pk.x[:, None] - lab[None, :, 0], pk.y[:, None] - lab[None, :, 1]).min(1) > self.radius_px
+            pool += [(name, float(a), float(b), float(p)) for a, b, p in zip(pk.x[keep], pk.y[keep], pk.score[keep])]
         if not pool:
             return []
         w = np.array([q[3] for q in pool])
