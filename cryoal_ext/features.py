@@ -57,6 +57,38 @@ def resolve_precision(precision: str | None, device: str):
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[p]
 
 
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether the CPU computes bfloat16 in hardware (AVX512-BF16 or AMX); None where unknown.
+
+    Why: without them torch emulates bfloat16, and one view of resnet16_u32 on a 64 x 64 image took
+    10.7 s against 0.13 s in float32 (a 2-core Xeon with AVX2 only).
+    """
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def precision_warning(dtype, device: str, native: bool | None = None) -> str | None:
+    """A line for the user when bf16 was asked for on a CPU that would emulate it (else None)."""
+    import torch
+
+    if dtype is not torch.bfloat16 or str(device).startswith("cuda"):
+        return None
+    native = cpu_has_bf16() if native is None else native
+    if native is not False:
+        return None
+    return ("--precision bf16: this CPU has no bfloat16 instructions (no AVX512-BF16 or AMX), so torch emulates "
+            "it, 30-80x slower than fp32 here; leave the precision at fp32 on this machine")
+
+
 def autocast(device: str, dtype):
     """Mixed precision for the block (``dtype`` None: plain float32).  Thread-local, like torch's."""
     import torch

@@ -182,6 +182,41 @@ def test_cli_round_with_audits_keeps_one_micrograph_apart_and_asks_about_its_pic
     json.dumps(session.state)  # plain data
 
 
+def test_cli_round_with_audits_whose_labels_cover_every_micrograph_stores_nothing(tmp_path, feature_cache, capsys):
+    """Labels on every micrograph leave none for the audits: refused before a label is stored.  Labels on all
+    but one: the training draw leaves that one for the audits (it used to take it and fail after storing)."""
+    from conftest import blob_image, write_mrc
+    from cryoal_ext.cli import main
+    from cryoal_ext.session import Session
+
+    centres = [(60, 60), (190, 70), (70, 190), (180, 180)]
+    names = ["mic_a", "mic_b", "mic_c"]
+    for i, name in enumerate(names):
+        write_mrc(tmp_path / f"{name}.mrc", blob_image((128, 128), [(x // 2, y // 2) for x, y in centres], sigma=3.0,
+                                                        amplitude=5.0, noise=0.5, seed=i).astype(np.float32),
+                  voxel_size=4.0)
+    every, two = tmp_path / "every.txt", tmp_path / "two.txt"
+    every.write_text("image_name\tx_coord\ty_coord\n" + "".join(f"{n}\t30\t30\n" for n in names))
+    two.write_text("image_name\tx_coord\ty_coord\n" + "".join(f"{n}\t30\t30\n" for n in names[:2]))
+    mics = sorted(str(p) for p in tmp_path.glob("*.mrc"))
+    fast = ["--feature-model", "resnet16_u32", "--device", "cpu", "--threads", "1", "--cache-dir", feature_cache]
+    s = tmp_path / "S"
+    for seed in ("0", "1", "2"):
+        rc = main(["round", *mics, "--session", str(s), "--radius-px", "8", "--recipe", "audited", "--seed", seed,
+                   "--positives", str(every), *fast])
+        err = capsys.readouterr().err
+        assert rc == 1 and "cover every one of the 3" in err and "nothing was stored" in err and not s.exists()
+    for seed in ("0", "1", "2"):  # whatever the draw, mic_c is left for the audits
+        s = tmp_path / f"S{seed}"
+        rc = main(["round", *mics, "--session", str(s), "--radius-px", "8", "--recipe", "audited", "--seed", seed,
+                   "--positives", str(two), *fast])
+        assert rc == 0, capsys.readouterr().err
+        session = Session(s)
+        assert session.state["audit_micrographs"] == ["mic_c"]
+        assert session.state["history"][-1]["train"] == ["mic_a", "mic_b"]
+        assert len(session.labels.effective()) == 2
+
+
 def test_front_ends_without_an_audit_micrograph_refuse_the_recipe_up_front(tmp_path):
     import argparse
 

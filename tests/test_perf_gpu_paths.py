@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cryoal_ext.features import compute_features, compute_features_batch, resolve_precision
+from cryoal_ext.features import (compute_features, compute_features_batch, cpu_has_bf16, precision_warning,
+                                 resolve_precision)
 from cryoal_ext.io import load_micrograph
 from cryoal_ext.predict import PredictSettings, backbone_seconds, picking_net, stream_predict
 
@@ -101,6 +102,23 @@ def test_fp16_on_cpu_is_refused_clearly():
         resolve_precision("int8", "cpu")
     with pytest.raises(ValueError, match="conflicts"):
         next(stream_predict([], None, lambda *_: 28.0, PredictSettings(device="cpu", half=True, precision="bf16")))
+
+
+def test_bf16_on_a_cpu_without_it_is_named(tmp_path):
+    """bf16 on a CPU that would emulate it gets a warning; with the instructions, on CUDA, or fp32: none."""
+    import torch
+
+    plain, native = tmp_path / "plain", tmp_path / "native"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    native.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16\n")
+    assert cpu_has_bf16(str(plain)) is False and cpu_has_bf16(str(native)) is True
+    assert cpu_has_bf16(str(tmp_path / "absent")) is None
+    assert "no bfloat16 instructions" in precision_warning(torch.bfloat16, "cpu", native=False)
+    for args in ((torch.bfloat16, "cpu", True), (torch.bfloat16, "cpu", None), (torch.bfloat16, "cuda", False),
+                 (None, "cpu", False)):
+        if args[2] is None and cpu_has_bf16() is False:
+            continue  # this machine itself lacks bf16: the None case is the False case
+        assert precision_warning(*args) is None
 
 
 def test_bf16_on_cpu_works_and_is_close(model, images, make_mrc):

@@ -7,6 +7,7 @@ Outputs are per micrograph and atomic, so a re-run skips finished micrographs (r
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def precision_of(args) -> str:
 def main(args) -> int:
     from tqdm import tqdm
 
-    from ..features import resolve_precision
+    from ..features import precision_warning, resolve_precision
     from ..predict import PredictSettings, prediction_views, resolve_device, stream_predict
 
     apply_threads(args)
@@ -135,7 +136,9 @@ def main(args) -> int:
         raise ValueError(f"--format: unknown {', '.join(sorted(unknown))}; choose from {', '.join(FORMATS)}")
     device = resolve_device(args.device)
     precision = precision_of(args)
-    resolve_precision(precision, device)  # refuse fp16 on the CPU before anything is read or written
+    note = precision_warning(resolve_precision(precision, device), device)  # fp16 on the CPU is refused here
+    if note:
+        print(f"cryoal predict: warning: {note}", file=sys.stderr)
     if getattr(args, "view_batch", None) is not None and args.view_batch < 0:
         raise ValueError(f"--view-batch {args.view_batch}: give 0 (view by view) or a positive number of images")
     model = calibrated(BLR.load(args.model)) if args.model else None  # probabilities as the session calibrated them

@@ -98,6 +98,8 @@ def main(args) -> int:
         if unknown:
             raise ValueError(f"labels name micrograph(s) not among the inputs: {', '.join(sorted(unknown)[:5])}")
         answers = [a for a in answers if a.micrograph in specs]
+        recipe = get_recipe(args.recipe)
+        _check_audit_room(session, recipe, specs, answers, args)
         radius_all = (args.radius_px or s.radius_for(_pixel_size(specs, args))) if answers else 0.0
         outcome = apply_answers(session, answers, lambda m: radius_all, "reviewed")
         if reviewed is not None and outcome.repeated and not outcome.applied and reviewed < rnd - 1:
@@ -108,10 +110,11 @@ def main(args) -> int:
         for msg in session.note_settings({"recipe": args.recipe, "feature_model": args.feature_model,
                                           "working_pixel_size": args.working_pixel_size}):
             print(f"warning: {msg}")
-        recipe = get_recipe(args.recipe)
         audited = [n for n in audit_micrographs(session) if n in specs]  # never trained on, whatever their labels
         train = choose_training([n for n in specs if n not in audited], args.train_micrographs, args.seed,
                                 {l.micrograph for l in session.labels.effective()} - set(audited))
+        if recipe.audits > 0 and not audited and set(train) == set(specs):
+            train = _leave_one_for_audits(train, {l.micrograph for l in session.labels.effective()})
         audited = choose_audit(session, list(specs), train, recipe, args.seed)
         items = list(featurise([specs[n] for n in train], s))
         audit_items = list(featurise([specs[n] for n in audited], s)) if recipe.audits > 0 else []
@@ -149,6 +152,28 @@ def _check_round_inputs(args) -> None:
     shapes = {f.stem: h.shape for f in files if (h := read_header(f)) is not None}
     for f in [*args.positives, *args.negatives, *([args.reviewed] if args.reviewed else [])]:
         check_inside(read_coordinates(f), shapes, f)
+
+
+def _check_audit_room(session: Session, recipe, specs: dict, answers: list[Answer], args) -> None:
+    """Refuse, before a label is stored, a round whose labels would leave no micrograph for the audits.
+
+    A micrograph with labels is always trained on; audits need one that is not (chosen once, then kept).
+    """
+    if recipe.audits <= 0 or any(n in specs for n in audit_micrographs(session)):
+        return
+    labelled = {l.micrograph for l in session.labels.effective()} | {a.micrograph for a in answers}
+    if not set(specs) <= labelled:
+        return  # a micrograph without labels is left for the audits (_leave_one_for_audits)
+    raise ValueError(f"--recipe {args.recipe}: its audits ask about a micrograph never trained on, but these labels "
+                     f"cover every one of the {len(specs)} micrograph(s), and a micrograph with labels is always "
+                     "trained on; nothing was stored. Add a micrograph without labels to the inputs, leave "
+                     "one micrograph's labels out of this round, or use --recipe default")
+
+
+def _leave_one_for_audits(train: list[str], labelled: set[str]) -> list[str]:
+    """The training choice less one micrograph it drew without labels, so an audit micrograph remains."""
+    drawn = sorted(set(train) - labelled)
+    return sorted(set(train) - {drawn[-1]}) if drawn else train
 
 
 def _pixel_size(specs, args) -> float:
