@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_json
-from .calibration import attach, calibrate
+from .calibration import answers_map, attach, refine_on_audits
 from .extract import Picks, extract_picks
 from .features import DEFAULT_FEATURE_MODEL, FeatureCache
 from .files import by_micrograph, read_coordinates, write_topaz
@@ -181,14 +181,14 @@ def run_one(s: BenchmarkSettings, recipe: Recipe, seed: int, data, progress=prin
         ev = _evaluate(picks, truth, s, shapes)
         rec_b = {"raw": threshold_stats(ev)}
         if s.calibrate and learner.model is not None:
-            cal = calibrate(learner, labels, audits=audits)
+            plain = answers_map(learner, labels)  # refitted once per fold; the audits only refine it
+            cal = refine_on_audits(learner, labels, plain, audits)
             attach(learner.model, cal)  # learner.picks now scores with the calibrated logit (same ranking)
             picks = [learner.picks(items_all[n].mic, items_all[n].fmap) for n in evals]
             ev = _evaluate(picks, truth, s, shapes)
             rec_b["calibrated"] = {**threshold_stats(ev), "a": round(cal.a, 4), "b": round(cal.b, 4), "answers": cal.n,
                                     **({"audits": cal.audits} if cal.audits else {})}
             if cal.audits:  # what the answers alone would have given, on the same picks
-                plain = calibrate(learner, labels)
                 attach(learner.model, plain)
                 alone = _evaluate([learner.picks(items_all[n].mic, items_all[n].fmap) for n in evals], truth, s, shapes)
                 rec_b["answers_only"] = {**threshold_stats(alone), "a": round(plain.a, 4), "b": round(plain.b, 4)}

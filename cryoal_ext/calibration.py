@@ -184,15 +184,30 @@ def calibrate(learner: "ActiveLearner", labels: list["Label"], s: CalibrationSet
     An audit's logit is the current model's at the audited spot (the pick, not an answer's
     re-centred position): held out, as the model never trains on an audit micrograph.
     """
+    return refine_on_audits(learner, labels, answers_map(learner, labels, s), audits, s)
+
+
+def answers_map(learner: "ActiveLearner", labels: list["Label"], s: CalibrationSettings = CalibrationSettings()
+                ) -> Calibration:
+    """The map from the held-out answers alone (the costly part: one refit per fold)."""
     real = _answers(learner, labels)
     n, npos = len(real), sum(l.label for l in real)
     if n < s.min_answers:
         return Calibration(n=n, n_positive=npos)  # too few answers to move the probabilities: raw ones
     z, y, k = held_out_logits(learner, labels, s)
     cal = platt(z, y, s)
+    return Calibration(cal.a, cal.b, n, npos, k)
+
+
+def refine_on_audits(learner: "ActiveLearner", labels: list["Label"], cal: Calibration, audits=(),
+                     s: CalibrationSettings = CalibrationSettings()) -> Calibration:
+    """``cal`` (``answers_map``) moved as far as the answered audits say; ``cal`` itself below the gates."""
+    if cal.n < s.min_answers:
+        return cal
+    n, npos, k = cal.n, cal.n_positive, cal.folds
     pairs = audit_answers(learner, labels, audits)
     if len(pairs) < s.min_audits:
-        return Calibration(cal.a, cal.b, n, npos, k)
+        return cal
     za = learner.audit_logits([(a.micrograph, a.x, a.y) for _, a in pairs])
     ya = np.array([l.label for l, _ in pairs], dtype=np.float64)
     ref = platt(za, ya, s, centre=(cal.a, cal.b), min_n=s.min_audits)
