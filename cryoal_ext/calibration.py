@@ -26,7 +26,7 @@ changes what the user is asked.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -204,14 +204,13 @@ def refine_on_audits(learner: "ActiveLearner", labels: list["Label"], cal: Calib
     """``cal`` (``answers_map``) moved as far as the answered audits say; ``cal`` itself below the gates."""
     if cal.n < s.min_answers:
         return cal
-    n, npos, k = cal.n, cal.n_positive, cal.folds
     pairs = audit_answers(learner, labels, audits)
     if len(pairs) < s.min_audits:
         return cal
     za = learner.audit_logits([(a.micrograph, a.x, a.y) for _, a in pairs])
     ya = np.array([l.label for l, _ in pairs], dtype=np.float64)
     ref = platt(za, ya, s, centre=(cal.a, cal.b), min_n=s.min_audits)
-    return Calibration(ref.a, ref.b, n, npos, k, len(pairs))
+    return replace(cal, a=ref.a, b=ref.b, audits=len(pairs))
 
 
 def attach(model: "BLR", cal: Calibration) -> "BLR":

@@ -64,12 +64,21 @@ def featurise(specs: Iterable[MicrographSpec], s: EngineSettings, progress: Prog
         yield item
 
 
-def choose_training(names: list[str], n: int, seed: int = 0, labelled: Iterable[str] = ()) -> list[str]:
-    """Training micrographs: a seeded random choice, plus every micrograph that already has labels."""
+def choose_training(names: list[str], n: int, seed: int = 0, labelled: Iterable[str] = (), keep_free: int = 0
+                    ) -> list[str]:
+    """Training micrographs: a seeded random choice, plus every micrograph that already has labels.
+
+    ``keep_free``: leave at least that many out (an audit micrograph) where the draw, not the labels,
+    would take them: drawn micrographs without labels are given back, the last in name order first.
+    """
     names = sorted(names)
+    labelled = set(labelled) & set(names)
     rng = np.random.default_rng(seed)
     chosen = set(rng.choice(names, size=min(n, len(names)), replace=False).tolist()) if names else set()
-    return sorted(chosen | (set(labelled) & set(names)))
+    drawn = sorted(chosen - labelled)
+    while drawn and len(names) - len(chosen | labelled) < keep_free:
+        chosen.discard(drawn.pop())
+    return sorted(chosen | labelled)
 
 
 # Audit micrographs a session keeps (fewer if there are not so many untrained ones).  Why 2: on EMPIAR-10017 one

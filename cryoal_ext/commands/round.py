@@ -112,9 +112,8 @@ def main(args) -> int:
             print(f"warning: {msg}")
         audited = [n for n in audit_micrographs(session) if n in specs]  # never trained on, whatever their labels
         train = choose_training([n for n in specs if n not in audited], args.train_micrographs, args.seed,
-                                {l.micrograph for l in session.labels.effective()} - set(audited))
-        if recipe.audits > 0 and not audited and set(train) == set(specs):
-            train = _leave_one_for_audits(train, {l.micrograph for l in session.labels.effective()})
+                                {l.micrograph for l in session.labels.effective()} - set(audited),
+                                keep_free=int(recipe.audits > 0 and not audited))  # room for an audit micrograph
         audited = choose_audit(session, list(specs), train, recipe, args.seed)
         items = list(featurise([specs[n] for n in train], s))
         audit_items = list(featurise([specs[n] for n in audited], s)) if recipe.audits > 0 else []
@@ -163,17 +162,11 @@ def _check_audit_room(session: Session, recipe, specs: dict, answers: list[Answe
         return
     labelled = {l.micrograph for l in session.labels.effective()} | {a.micrograph for a in answers}
     if not set(specs) <= labelled:
-        return  # a micrograph without labels is left for the audits (_leave_one_for_audits)
+        return  # the training draw leaves a micrograph without labels for the audits (keep_free)
     raise ValueError(f"--recipe {args.recipe}: its audits ask about a micrograph never trained on, but these labels "
                      f"cover every one of the {len(specs)} micrograph(s), and a micrograph with labels is always "
                      "trained on; nothing was stored. Add a micrograph without labels to the inputs, leave "
                      "one micrograph's labels out of this round, or use --recipe default")
-
-
-def _leave_one_for_audits(train: list[str], labelled: set[str]) -> list[str]:
-    """The training choice less one micrograph it drew without labels, so an audit micrograph remains."""
-    drawn = sorted(set(train) - labelled)
-    return sorted(set(train) - {drawn[-1]}) if drawn else train
 
 
 def _pixel_size(specs, args) -> float:
