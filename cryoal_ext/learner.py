@@ -157,6 +157,20 @@ class ActiveLearner:
 
     def training_parts(self, labels: list[Label]):
         """(X, y, w) of the real labels and (X, y, w) of the pseudo-labels, apart (the evidence treats them apart)."""
+        d = self.feature_dim
+        parts = []
+        for blocks in self.training_pixels(labels):
+            X = [self.items[name].fmap.at(iy, ix) for name, iy, ix, _, _ in blocks]
+            parts.append((np.concatenate(X), np.concatenate([b[3] for b in blocks]), np.concatenate([b[4] for b in blocks]))
+                         if blocks else (np.empty((0, d), np.float32), np.empty(0), np.empty(0)))
+        return parts[0], parts[1]
+
+    def training_pixels(self, labels: list[Label]):
+        """The pixels a fit trains on: blocks (micrograph, iy, ix, target, weight) of the real labels and of the pseudo-labels.
+
+        Why apart from the features: a model on other features of the same pixels (a fine-tuned
+        backbone, benchmarks/finetune_last_block.py) trains on exactly what the BLR trains on.
+        """
         r = self.recipe
         real = [l for l in labels if l.micrograph in self.items]
         pseudo = list(self._pseudo)
@@ -173,10 +187,9 @@ class ActiveLearner:
                     keep.append(p)
             pseudo = keep
         pw = r.pseudo_weight / (1.0 + r.pseudo_decay * len(real))
-        d = self.feature_dim
         parts = []
         for group, weight in ((real, 1.0), (pseudo, pw)):
-            X, y, w = [], [], []
+            blocks = []
             for name in {l.micrograph for l in group}:
                 it = self.items[name]
                 sel = [l for l in group if l.micrograph == name]
@@ -185,16 +198,13 @@ class ActiveLearner:
                 ny, nx = it.fmap.shape
                 Y = np.clip(iy[:, None] + dy[None], 0, ny - 1).ravel()
                 Xc = np.clip(ix[:, None] + dx[None], 0, nx - 1).ravel()
-                X.append(it.fmap.at(Y, Xc))
                 if group is pseudo and r.pseudo_target == "soft":
                     t = [self._pseudo_target[(l.micrograph, l.x, l.y)] for l in sel]
                 else:
                     t = [float(l.label) for l in sel]
-                y.append(np.repeat(t, dy.size))
                 per_pixel = weight / dy.size if r.label_weight == "label" else weight
-                w.append(np.full(Y.size, per_pixel))
-            parts.append((np.concatenate(X), np.concatenate(y), np.concatenate(w)) if X else
-                         (np.empty((0, d), np.float32), np.empty(0), np.empty(0)))
+                blocks.append((name, Y, Xc, np.repeat(t, dy.size), np.full(Y.size, per_pixel)))
+            parts.append(blocks)
         return parts[0], parts[1]
 
     # --- fitting and prediction ----------------------------------------------------------------

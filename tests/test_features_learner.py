@@ -283,6 +283,21 @@ def test_learner_excludes_labels_given_before_round_zero(example_items):
     assert len(fewer) == 4
 
 
+def test_training_pixels_are_the_pixels_the_fit_trains_on(example_items, example_truth):
+    """A model on other features of the same pixels (benchmarks/finetune_last_block.py) relies on this."""
+    learner = ActiveLearner(list(example_items.values()), RADIUS, get_recipe("default"), seed=0)
+    labels = Oracle(example_truth, RADIUS, "careful").answer(learner.initial_proposals(10), 0)
+    learner.fit(labels)  # fills the pseudo-labels
+    real, pseudo = learner.training_pixels(labels)
+    parts = learner.training_parts(labels)
+    assert real and pseudo
+    for blocks, (X, y, w) in zip((real, pseudo), parts):
+        assert np.array_equal(X, np.concatenate([example_items[n].fmap.at(iy, ix) for n, iy, ix, _, _ in blocks]))
+        assert np.array_equal(y, np.concatenate([b[3] for b in blocks]))
+        assert np.array_equal(w, np.concatenate([b[4] for b in blocks]))
+    assert sum(b[1].size for b in real) % len(labels) == 0  # every label: the same disc of pixels
+
+
 def test_l2_decay_weakens_the_prior_as_labels_accumulate(example_items, example_truth):
     labels = Oracle(example_truth, RADIUS, "careful").answer(
         ActiveLearner(list(example_items.values()), RADIUS, get_recipe("default"), seed=0).initial_proposals(10), 0)
