@@ -3,7 +3,10 @@
 For each dataset and seed (the seed draws the 2 training micrographs, as in `cryoal benchmark`), three
 Topaz models are scored on the evaluation micrographs with the benchmark's own matching and pooled AP:
 
-* ``topaz pretrained``: `topaz extract` with its pretrained model (must agree with our baseline);
+* ``topaz pretrained``: `topaz extract -m resnet16`, Topaz's CLI default, which is ``resnet16_u64``
+  (topaz/model/factory.py), not the ``resnet16_u32`` our one-view features and `topaz train --units 32`
+  start from; and ``topaz pretrained_u32``: `topaz extract -m resnet16_u32`, the same network as
+  our baseline (the two differ only in Topaz's own extraction);
 * ``topaz train (our answers @B)``: `topaz train` on the positive answers our loop (default recipe,
   careful oracle) had collected at budget B, on the same 2 training micrographs;
 * ``topaz train (all expert picks)``: `topaz train` on every expert pick of the 2 training micrographs.
@@ -43,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import DATASETS  # noqa: E402
 
 from cryoal_ext.atomic import write_json  # noqa: E402
-from cryoal_ext.benchmark import BenchmarkSettings, load_data, run_one  # noqa: E402
+from cryoal_ext.benchmark import BenchmarkSettings, load_data, run_one, training_splits  # noqa: E402
 from cryoal_ext.metrics import evaluate  # noqa: E402
 from cryoal_ext.recipes import get_recipe  # noqa: E402
 
@@ -112,6 +115,9 @@ def main() -> None:
     ap.add_argument("--topaz", required=True, help="the topaz executable (its own venv, see the module docstring)")
     ap.add_argument("--datasets", default="10028,10017")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--splits", default="seed",
+                    help="'seed' (each seed draws its training micrographs) or comma-separated split indices, "
+                         "numbered as `cryoal benchmark --splits all` numbers them (the JSONs' 'split')")
     ap.add_argument("--budgets", default="25,100")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--epoch-size", type=int, default=100)
@@ -121,6 +127,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=os.environ.get("CRYOAL_CACHE", "/tmp/fcache"))
     ap.add_argument("--work", default=None, help="keep Topaz's inputs and models here (default: a temporary folder)")
     ap.add_argument("--tag", default="run")
+    ap.add_argument("--pretrained-only", action="store_true", help="only the two `topaz extract` rows (no training)")
     a = ap.parse_args()
     budgets = tuple(int(b) for b in a.budgets.split(","))
     out = {"command": "python benchmarks/topaz_train.py " + " ".join(sys.argv[1:]), "results": {}}
@@ -131,21 +138,28 @@ def main() -> None:
         data = load_data(s, progress=lambda m: None)
         items, truth = data["items"], data["truth"]
         rows = []
-        for seed in (int(x) for x in a.seeds.split(",")):
-            work = root / f"{ds}_seed{seed}"
+        every = training_splits(sorted(items), BenchmarkSettings(**DATASETS[ds], splits="all"))
+        chosen = [None] if a.splits == "seed" else [int(i) for i in a.splits.split(",")]
+        for split, seed in ((i, int(x)) for i in chosen for x in a.seeds.split(",")):
+            work = root / (f"{ds}_seed{seed}" if split is None else f"{ds}_split{split}_seed{seed}")
             log = work / "topaz.log"
             work.mkdir(parents=True, exist_ok=True)
             labels_at: dict = {}
-            rec = run_one(s, get_recipe("default"), seed, data, progress=print, labels_at=labels_at)
+            rec = run_one(s, get_recipe("default"), seed, data, progress=print, labels_at=labels_at,
+                          train=None if split is None else every[split])
             tr, evals = rec["train"], rec["eval"]
             write_images(items, work / "images", sorted(items))
             n_mean = float(np.mean([len(truth.get(n, ([], []))[0]) for n in tr]))
-            row = {"seed": seed, "train": tr, "eval": evals, "ours_baseline": rec["baseline"]["ap"],
+            row = {"seed": seed, "split": split, "train": tr, "eval": evals, "ours_baseline": rec["baseline"]["ap"],
                    "ours": {str(x["labels"]): x["ap"] for x in rec["active"]}, "topaz": {}}
-            o = work / "extract_pretrained.txt"
-            secs = extract(a.topaz, "resnet16", items, evals, work / "images", o, s, log, a.threads)
-            row["topaz"]["pretrained"] = {**score_extract(o, items, truth, s, evals), "extract_s": round(secs, 1)}
-            print(f"[{ds} seed {seed}] topaz pretrained: {row['topaz']['pretrained']}  (ours: {rec['baseline']['ap']})")
+            for key, net in (("pretrained", "resnet16"), ("pretrained_u32", "resnet16_u32")):
+                o = work / f"extract_{key}.txt"
+                secs = extract(a.topaz, net, items, evals, work / "images", o, s, log, a.threads)
+                row["topaz"][key] = {**score_extract(o, items, truth, s, evals), "extract_s": round(secs, 1)}
+                print(f"[{ds} seed {seed}] topaz {key} (-m {net}): {row['topaz'][key]}  (ours: {rec['baseline']['ap']})")
+            if a.pretrained_only:
+                rows.append(row)
+                continue
             runs = {f"answers@{b}": {n: (np.array([l.x for l in labels_at[b] if l.micrograph == n and l.label == 1]),
                                          np.array([l.y for l in labels_at[b] if l.micrograph == n and l.label == 1]))
                                      for n in tr} for b in budgets if b in labels_at}

@@ -128,7 +128,7 @@ def platt(z: np.ndarray, y: np.ndarray, s: CalibrationSettings = CalibrationSett
     return Calibration(a=float(max(theta[0], s.min_slope)), b=float(theta[1]), n=n, n_positive=npos)
 
 
-def _folds(labels: list["Label"], k: int) -> np.ndarray:
+def answer_folds(labels: list["Label"], k: int) -> np.ndarray:
     """Fold of each answer: whole rounds when there are at least 3 of them, else answers dealt in turn."""
     rounds = sorted({l.round for l in labels})
     if len(rounds) >= 3:
@@ -168,7 +168,7 @@ def held_out_logits(learner: "ActiveLearner", labels: list["Label"],
     real = _answers(learner, labels)
     if len(real) < s.min_answers:
         return np.empty(0), np.empty(0), 0
-    fold = _folds(real, s.folds)
+    fold = answer_folds(real, s.folds)
     z = np.empty(len(real))
     for f in np.unique(fold):
         out = np.flatnonzero(fold == f)

@@ -34,11 +34,11 @@ GRID: tuple[float, ...] = tuple(float(f"{10.0 ** e:.6g}") for e in np.arange(-2.
 
 @dataclass
 class Choice:
-    """The chosen strength, its fit, and the log evidence of every strength tried."""
+    """The chosen strength, its fit, and the score (log evidence, or held-out log-likelihood) of every strength tried."""
 
     strength: float
     model: BLR
-    log_evidence: dict[float, float]
+    scores: dict[float, float]
 
 
 def log_evidence(model: BLR, strength: float, prior_minimum: float, prior_dim: int) -> float:
@@ -59,9 +59,18 @@ def choose(fit_at: Callable[[float, BLR | None, bool], BLR], prior_minimum: floa
 
     ``fit_at(s, warm, final)`` fits at strength s with ``laplace=True``, starting from ``warm``: loosely
     converged while ``final`` is false (the evidence only needs the optimum's loss and curvature, to
-    ~1e-6), fully for the chosen one (the proposals need the exact optimum).  Each neighbour starts
-    from the fit next to it, so a round where the strength stays costs ~3 short Newton runs and one
-    finishing step.
+    ~1e-6), fully for the chosen one (the proposals need the exact optimum).
+    """
+    return climb(fit_at, lambda s, model: log_evidence(model, s, prior_minimum, prior_dim), start, grid)
+
+
+def climb(fit_at: Callable[[float, BLR | None, bool], BLR], score: Callable[[float, BLR], float],
+          start: float = 1.0, grid: tuple[float, ...] = GRID) -> Choice:
+    """Climb the grid from the strength nearest ``start`` to a local maximum of ``score(s, fit at s)``.
+
+    Each neighbour starts from the fit next to it, so a round where the strength stays costs ~3 short
+    fits (and their scoring) and one finishing step.  Shared by the evidence and the cross-validated
+    likelihood (``strength_cv.py``): only the score differs.
     """
     fits: dict[int, BLR] = {}
     ev: dict[int, float] = {}
@@ -69,7 +78,7 @@ def choose(fit_at: Callable[[float, BLR | None, bool], BLR], prior_minimum: floa
     def at(i: int, warm: BLR | None) -> float:
         if i not in ev:
             fits[i] = fit_at(grid[i], warm, False)
-            ev[i] = log_evidence(fits[i], grid[i], prior_minimum, prior_dim)
+            ev[i] = float(score(grid[i], fits[i]))
         return ev[i]
 
     i = nearest(grid, start)

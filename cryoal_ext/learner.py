@@ -11,7 +11,7 @@ import numpy as np
 
 from .calibration import calibrated
 from .acquisition import Proposal, entropy, entropy_peaks, peaks, spread_in_features
-from . import evidence
+from . import evidence, strength_cv
 from .extract import Picks, extract_picks, sigmoid
 from .features import DEFAULT_FEATURE_MODEL, FeatureMap, blas_threads, head_of
 from .io import Micrograph
@@ -54,7 +54,7 @@ class ActiveLearner:
     solver = "newton"  # BLR solver: 'newton' (exact Hessian, converged) or 'lbfgs'
     warm_start = True  # start each fit from the last one (same optimum, fewer steps)
     top_k = True  # compute only the k best peaks a batch can use (exactly the full NMS's first k)
-    EVIDENCE_TOL = 1e-6  # max|grad| of the fits that only score a prior strength (evidence.choose)
+    EVIDENCE_TOL = 1e-6  # max|grad| of the fits that only score a prior strength (evidence.climb)
 
     def __init__(self, items: list[Item], radius_px: float, recipe: Recipe, feature_model: str = DEFAULT_FEATURE_MODEL,
                  seed: int = 0, in_memory: bool | None = None, audit_items: list[Item] = ()):
@@ -87,7 +87,7 @@ class ActiveLearner:
         self._unlabelled = self._sample_unlabelled()
         self._pi: float | None = None
         self._pseudo = self._pseudo_labels()
-        self.strength = 1.0  # the prior's strength factor (recipe prior_strength='evidence'; 1: as the recipe says)
+        self.strength = 1.0  # the prior's strength factor (recipe prior_strength 'evidence' or 'cv'; 1: as the recipe says)
         self._prior_min: tuple[tuple, BLR] | None = None  # cache of the prior-only fit (evidence.py's θ_P)
 
     @property
@@ -238,10 +238,11 @@ class ActiveLearner:
         """
         t = time.perf_counter()
         start = start if start is not None else self.model
-        if self.recipe.prior_strength == "evidence" and any(l.micrograph in self.items for l in labels):
+        if self.recipe.prior_strength != "fixed" and any(l.micrograph in self.items for l in labels):
             choice = self._choose_strength(labels, start)
             model, self.strength = choice.model, choice.strength
-            model.meta.update(prior_strength=choice.strength, log_evidence={str(k): v for k, v in choice.log_evidence.items()})
+            key = "log_evidence" if self.recipe.prior_strength == "evidence" else "cv_loglik"
+            model.meta.update(prior_strength=choice.strength, **{key: {str(k): v for k, v in choice.scores.items()}})
         else:
             model = self.fit_model(labels, start)
         self.model = model
@@ -250,15 +251,19 @@ class ActiveLearner:
         return model
 
     def _choose_strength(self, labels: list[Label], start: BLR | None) -> "evidence.Choice":
-        """The prior strength the answers' evidence prefers (cryoal_ext/evidence.py), and its fit."""
+        """The prior strength the answers prefer (their evidence, evidence.py, or held-out likelihood, strength_cv.py)."""
         real, pseudo = self.training_parts(labels)
-        prior_min, dim = self._prior_minimum(pseudo, len(labels))
         begin = float(start.meta.get("prior_strength", self.strength)) if start is not None else self.strength
+        laplace = self.recipe.prior_strength == "evidence"
+
         def fit_at(s: float, warm: BLR | None, final: bool) -> BLR:
             return self._fit_parts(real, pseudo, len(labels), s, warm if warm is not None else start,
-                                   newton_tol=None if final else self.EVIDENCE_TOL, laplace=not final)
+                                   newton_tol=None if final else self.EVIDENCE_TOL, laplace=laplace and not final)
 
-        return evidence.choose(fit_at, prior_min, dim, start=begin)
+        if laplace:
+            prior_min, dim = self._prior_minimum(pseudo, len(labels))
+            return evidence.choose(fit_at, prior_min, dim, start=begin)
+        return evidence.climb(fit_at, lambda s, m: strength_cv.held_out_loglik(self, labels, s, m), start=begin)
 
     def _prior_minimum(self, pseudo, n_labels: int) -> tuple[float, int]:
         """min over θ of the prior's energy P (l2 pull + pseudo-labels; it does not move with the strength), its dimension."""
@@ -278,15 +283,18 @@ class ActiveLearner:
             self._prior_min = (key, m)
         return float(self._prior_min[1].energy_), d + 1
 
-    def fit_model(self, labels: list[Label], start: BLR | None = None, newton_tol: float | None = None) -> BLR:
+    def fit_model(self, labels: list[Label], start: BLR | None = None, newton_tol: float | None = None,
+                  strength: float | None = None) -> BLR:
         """The BLR fitted on ``labels``, leaving the learner's own model alone (cross-validation refits).
 
         ``newton_tol``: a looser stop than the BLR's default, for refits that only score a few answers.
-        The prior's strength is the learner's current one (1 unless the evidence chose another).
+        The prior's strength is ``strength``, else the learner's current one (1 unless the evidence or
+        the cross-validation chose another).
         """
         real, pseudo = self.training_parts(labels)
-        s = self.strength if self.recipe.prior_strength == "evidence" else 1.0
-        return self._fit_parts(real, pseudo, len(labels), s, start, newton_tol=newton_tol)
+        if strength is None:
+            strength = self.strength if self.recipe.prior_strength != "fixed" else 1.0
+        return self._fit_parts(real, pseudo, len(labels), strength, start, newton_tol=newton_tol)
 
     def _fit_parts(self, real, pseudo, n_labels: int, strength: float, start: BLR | None,
                    newton_tol: float | None = None, laplace: bool = False) -> BLR:
@@ -311,7 +319,7 @@ class ActiveLearner:
                           laplace=laplace)
         model.meta = {"feature_model": self.feature_model, "recipe": r.to_dict(), "radius_px": self.radius_px,
                       "working_pixel_size": float(np.mean([it.mic.frame.working_pixel_size for it in self.items.values()]))}
-        if r.prior_strength == "evidence":
+        if r.prior_strength != "fixed":
             model.meta["prior_strength"] = strength
         return model
 

@@ -14,7 +14,8 @@ class Recipe:
     l2: float = 1.0
     l2_decay: float = 0.0  # prior strength l2 / (1 + decay * real labels): labels take over as they accumulate
     prior_strength: str = "fixed"  # 'fixed': l2 and pseudo_weight as given; 'evidence': both scaled each round by
-    # the factor (0.01..10, evidence.GRID) that maximises the Laplace evidence of the answers (cryoal_ext/evidence.py)
+    # the factor (0.01..10, evidence.GRID) that maximises the Laplace evidence of the answers (cryoal_ext/evidence.py);
+    # 'cv': the factor that maximises the answers' log-likelihood held out by folds of rounds (strength_cv.py)
     pi: float = 0.01
     pi_weight: float = 1.0
     pi_source: str = "constant"  # 'constant': pi as given; 'pretrained': the pretrained head's mean probability
@@ -44,12 +45,12 @@ class Recipe:
     def __post_init__(self):
         if self.spread not in ("none", "micrographs", "features"):
             raise ValueError(f"unknown spread {self.spread!r}; choose none, micrographs or features")
-        if self.prior_strength not in ("fixed", "evidence"):
-            raise ValueError(f"unknown prior_strength {self.prior_strength!r}; choose fixed or evidence")
+        if self.prior_strength not in ("fixed", "evidence", "cv"):
+            raise ValueError(f"unknown prior_strength {self.prior_strength!r}; choose fixed, evidence or cv")
         if self.audits < 0 or self.audit_after < 0:
             raise ValueError(f"audits {self.audits} and audit_after {self.audit_after}: neither can be negative")
-        if self.prior_strength == "evidence" and self.l2 <= 0:
-            raise ValueError("prior_strength='evidence' needs l2 > 0 (a proper prior to scale)")
+        if self.prior_strength != "fixed" and self.l2 <= 0:
+            raise ValueError(f"prior_strength={self.prior_strength!r} needs l2 > 0 (a proper prior to scale)")
 
     def to_dict(self) -> dict:
         return asdict(self)

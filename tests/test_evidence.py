@@ -34,7 +34,7 @@ def test_right_prior_is_held_wrong_prior_let_go(seed):
     assert right.strength >= 3.0  # l2 >= 30: the labels agree with w0, keep it
     assert wrong.strength <= 0.1  # l2 <= 1: the labels contradict w0, let it go
     # the climb stopped at a maximum of what it evaluated, and the fit is the chosen strength's
-    assert max(right.log_evidence, key=right.log_evidence.get) == right.strength
+    assert max(right.scores, key=right.scores.get) == right.strength
     assert wrong.model.get_params()["l2"] == pytest.approx(10.0 * wrong.strength)
     # letting go pays: the weak prior's fit points the right way
     assert float(wrong.model.coef_ @ w_true) > 0

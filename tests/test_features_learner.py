@@ -16,6 +16,7 @@ from cryoal_ext.labels import Label
 from cryoal_ext.learner import ActiveLearner, Item
 from cryoal_ext.oracle import Oracle
 from cryoal_ext.recipes import get_recipe
+from cryoal_ext import strength_cv
 
 sys.path.insert(0, os.path.dirname(__file__))  # conftest helpers, under any pytest import mode
 from conftest import write_mrc  # noqa: E402
@@ -326,3 +327,22 @@ def test_evidence_prior_strength_is_chosen_per_fit_and_kept_by_refits(example_it
     # the fixed recipe is untouched: l2 10, pseudo weight as written
     fixed = ActiveLearner(list(example_items.values()), RADIUS, get_recipe("default"), seed=0).fit(labels)
     assert fixed.get_params()["l2"] == 10.0 and "prior_strength" not in fixed.meta
+
+
+def test_cv_prior_strength_is_the_best_held_out_likelihood_the_climb_saw(example_items, example_truth):
+    """prior_strength='cv': the strength whose fits best predict held-out rounds of answers (strength_cv.py)."""
+    oracle = Oracle(example_truth, RADIUS, "careful")
+    first = ActiveLearner(list(example_items.values()), RADIUS, get_recipe("default"), seed=0)
+    labels = oracle.answer(first.initial_proposals(10), 0)
+    first.fit(labels)
+    labels += oracle.answer(first.propose(10, labels), 1)
+    first.fit(labels)
+    labels += oracle.answer(first.propose(10, labels), 2)
+    learner = ActiveLearner(list(example_items.values()), RADIUS, get_recipe("default", prior_strength="cv"), seed=0)
+    model = learner.fit(labels)
+    s = model.meta["prior_strength"]
+    scores = model.meta["cv_loglik"]
+    assert s == learner.strength and max(scores, key=scores.get) == str(s)
+    assert model.get_params()["l2"] == pytest.approx(10.0 * s)
+    assert learner.fit_model(labels[:5]).get_params()["l2"] == pytest.approx(10.0 * s)  # refits keep it
+    assert strength_cv.held_out_loglik(learner, labels, s, model) == pytest.approx(scores[str(s)], abs=1e-3)
