@@ -138,7 +138,8 @@ def answer_folds(labels: list["Label"], k: int) -> np.ndarray:
     return np.arange(len(labels)) % min(k, max(len(labels), 1))
 
 
-def _answers(learner: "ActiveLearner", labels: list["Label"]) -> list["Label"]:
+def answers(learner: "ActiveLearner", labels: list["Label"]) -> list["Label"]:
+    """The user's yes/no answers on the learner's training micrographs (no pseudo-labels, no skips)."""
     return [l for l in labels if l.micrograph in learner.items and l.source != "pseudo" and l.label in (0, 1)]
 
 
@@ -162,18 +163,28 @@ def audit_answers(learner: "ActiveLearner", labels: list["Label"], audits) -> li
     return out
 
 
-def held_out_logits(learner: "ActiveLearner", labels: list["Label"],
-                    s: CalibrationSettings = CalibrationSettings()) -> tuple[np.ndarray, np.ndarray, int]:
-    """Each answer's logit under a model fitted on the other folds (pseudo-labels kept in every fit); the fold count."""
-    real = _answers(learner, labels)
-    if len(real) < s.min_answers:
-        return np.empty(0), np.empty(0), 0
-    fold = answer_folds(real, s.folds)
+def held_out_scores(learner: "ActiveLearner", real: list["Label"], folds: int, warm: "BLR | None", tol: float,
+                    strength: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each answer's logit under a model fitted (from ``warm``, at ``strength``) on the other folds; the folds.
+
+    Pseudo-labels are kept in every fit (``learner.fit_model`` adds them); only the answers are held out.
+    """
+    fold = answer_folds(real, folds)
     z = np.empty(len(real))
     for f in np.unique(fold):
         out = np.flatnonzero(fold == f)
-        model = learner.fit_model([l for l, g in zip(real, fold) if g != f], learner.model, newton_tol=s.refit_tol)
+        model = learner.fit_model([l for l, g in zip(real, fold) if g != f], warm, newton_tol=tol, strength=strength)
         z[out] = model.decision_function(learner.rows([(real[i].micrograph, real[i].x, real[i].y) for i in out]))
+    return z, fold
+
+
+def held_out_logits(learner: "ActiveLearner", labels: list["Label"],
+                    s: CalibrationSettings = CalibrationSettings()) -> tuple[np.ndarray, np.ndarray, int]:
+    """Each answer's held-out logit (``held_out_scores`` from the current fit), its label, the fold count."""
+    real = answers(learner, labels)
+    if len(real) < s.min_answers:
+        return np.empty(0), np.empty(0), 0
+    z, fold = held_out_scores(learner, real, s.folds, learner.model, s.refit_tol)
     return z, np.array([l.label for l in real], dtype=np.float64), int(np.unique(fold).size)
 
 
@@ -190,7 +201,7 @@ def calibrate(learner: "ActiveLearner", labels: list["Label"], s: CalibrationSet
 def answers_map(learner: "ActiveLearner", labels: list["Label"], s: CalibrationSettings = CalibrationSettings()
                 ) -> Calibration:
     """The map from the held-out answers alone (the costly part: one refit per fold)."""
-    real = _answers(learner, labels)
+    real = answers(learner, labels)
     n, npos = len(real), sum(l.label for l in real)
     if n < s.min_answers:
         return Calibration(n=n, n_positive=npos)  # too few answers to move the probabilities: raw ones
