@@ -98,8 +98,9 @@ def compare_tables(tags: list[str], reference: str = "default") -> None:
     res: dict[str, dict[str, dict]] = {}
     for tag in tags:
         d = json.loads((RESULTS / f"accuracy_{tag}.json").read_text())
-        for ds, variants in d["results"].items():
-            res.setdefault(ds, {}).update(variants)
+        for ds, variants in d["results"].items():  # a variant on other features than resnet16_u32 is its own row
+            res.setdefault(ds, {}).update({name if v.get("feature_model", "resnet16_u32") == "resnet16_u32"
+                                           else f"{name} ({v['feature_model']})": v for name, v in variants.items()})
     print("| dataset | recipe | runs | pretrained | " + " | ".join(
         f"@{b} mean / worst split / worst gain" for b in (10, 25, 50, 100)) + " | splits >= " + reference
           + " @10/25/50/100 | worst loss to " + reference + " (a split) | round median |")
