@@ -2,7 +2,7 @@
 
 Why: on every split of the shared data `resnet16_u64` features beat `resnet16_u32` on EMPIAR-10017
 (default recipe, all 15 splits: +0.025 at 10 labels, +0.016 at 100, 14 of 15 splits at 100) and
-lose on EMPIAR-10028 (-0.064 at 10, -0.008 at 100; `results/accuracy_u64.json`), so neither is a
+lose on EMPIAR-10028 (-0.064 at 10, -0.008 at 100; `results/accuracy_u64_splits.json`), so neither is a
 default for both.  A session could choose per dataset if its answers say which features predict
 them better.  The test: the default loop on `resnet16_u32` collects the answers (its proposals, as
 the product makes them); at each budget the same answers also fit the default recipe on
