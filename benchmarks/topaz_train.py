@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="keep Topaz's inputs and models here (default: a temporary folder)")
     ap.add_argument("--tag", default="run")
     ap.add_argument("--pretrained-only", action="store_true", help="only the two `topaz extract` rows (no training)")
+    ap.add_argument("--models", default="answers,experts",
+                    help="which `topaz train` models: answers (one per budget), experts (all expert picks), or both")
     a = ap.parse_args()
     budgets = tuple(int(b) for b in a.budgets.split(","))
     out = {"command": "python benchmarks/topaz_train.py " + " ".join(sys.argv[1:]), "results": {}}
@@ -160,10 +162,12 @@ def main() -> None:
             if a.pretrained_only:
                 rows.append(row)
                 continue
+            models = set(a.models.split(","))
             runs = {f"answers@{b}": {n: (np.array([l.x for l in labels_at[b] if l.micrograph == n and l.label == 1]),
                                          np.array([l.y for l in labels_at[b] if l.micrograph == n and l.label == 1]))
-                                     for n in tr} for b in budgets if b in labels_at}
-            runs["all_expert_picks"] = {n: truth.get(n, (np.empty(0), np.empty(0))) for n in tr}
+                                     for n in tr} for b in budgets if b in labels_at and "answers" in models}
+            if "experts" in models:
+                runs["all_expert_picks"] = {n: truth.get(n, (np.empty(0), np.empty(0))) for n in tr}
             for tag, pts in runs.items():
                 model, t_train, n_pos = train(a.topaz, work, tag, items, tr, pts, n_mean, a, log)
                 o = work / f"extract_{tag}.txt"
