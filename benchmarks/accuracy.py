@@ -44,6 +44,22 @@ VARIANTS = {
 }
 
 
+def every_split(s: BenchmarkSettings, recipe, seeds, data, extra=None):
+    """`run_one` on every training split x seed, yielding (split, seed, record); the record carries its split.
+
+    ``extra(learner, evals, budget, labels, seed)``: called at each budget with the answers collected
+    by then (for probes that refit or rescore on the loop's own answers).
+    """
+    for si, train in enumerate(training_splits(sorted(data["items"]), s)):
+        for seed in seeds:
+            labels_at: dict = {}
+            hook = None if extra is None else (
+                lambda learner, evals, budget: extra(learner, evals, budget, labels_at[budget], seed))
+            r = run_one(s, recipe, seed, data, progress=lambda *_: None, train=train, extra=hook, labels_at=labels_at)
+            r["split"] = si
+            yield si, seed, r
+
+
 def parse_variant(text: str):
     """'name' from VARIANTS, or 'base:key=value:key=value' for an ad-hoc variant; '@features' optional."""
     spec, _, fm = text.partition("@")

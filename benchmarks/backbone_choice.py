@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from cryoal_ext.atomic import write_json
-from cryoal_ext.benchmark import BenchmarkSettings, _evaluate, load_data, run_one, training_splits
+from cryoal_ext.benchmark import BenchmarkSettings, _evaluate, load_data
 from cryoal_ext.learner import ActiveLearner
 from cryoal_ext.recipes import get_recipe
 from cryoal_ext.strength_cv import held_out_loglik
 
 sys.path.insert(0, str(Path(__file__).parent))
-from accuracy import DATASETS  # noqa: E402
+from accuracy import DATASETS, every_split  # noqa: E402
 
 
 def main() -> None:
@@ -53,29 +53,22 @@ def main() -> None:
                                splits="all")
         d1, d2 = load_data(s1, progress=lambda *_: None), load_data(s2, progress=lambda *_: None)
         runs = []
-        for si, train in enumerate(training_splits(sorted(d1["items"]), s1)):
-            for seed in (int(x) for x in a.seeds.split(",")):
-                labels_at: dict = {}
 
-                def second(learner, evals, budget, labels_at=labels_at, seed=seed):
-                    labels = labels_at[budget]
-                    other = ActiveLearner([d2["items"][n] for n in learner.items], s2.radius_px, recipe, a.second,
-                                          seed=seed)
-                    other.fit(labels)
-                    ev = _evaluate([other.picks(d2["items"][n].mic, d2["items"][n].fmap) for n in evals],
-                                   d2["truth"], s2, d2["shapes"])
-                    return {"ap_second": round(ev.ap, 4),
-                            "ll_first": round(held_out_loglik(learner, labels, 1.0, learner.model), 4),
-                            "ll_second": round(held_out_loglik(other, labels, 1.0, other.model), 4)}
+        def second(learner, evals, budget, labels, seed):
+            other = ActiveLearner([d2["items"][n] for n in learner.items], s2.radius_px, recipe, a.second, seed=seed)
+            other.fit(labels)
+            ev = _evaluate([other.picks(d2["items"][n].mic, d2["items"][n].fmap) for n in evals],
+                           d2["truth"], s2, d2["shapes"])
+            return {"ap_second": round(ev.ap, 4),
+                    "ll_first": round(held_out_loglik(learner, labels, 1.0, learner.model), 4),
+                    "ll_second": round(held_out_loglik(other, labels, 1.0, other.model), 4)}
 
-                r = run_one(s1, recipe, seed, d1, progress=lambda *_: None, train=train, extra=second,
-                            labels_at=labels_at)
-                r["split"] = si
-                runs.append(r)
-                row = " ".join(f"{x['labels']}: {x['ap']:.3f}/{x['extra']['ap_second']:.3f} "
-                               f"{'2nd' if x['extra']['ll_second'] > x['extra']['ll_first'] else '1st'}"
-                               for x in r["active"])
-                print(f"{ds} split {si} seed {seed} | AP first/second, chosen: {row}", flush=True)
+        for si, seed, r in every_split(s1, recipe, [int(x) for x in a.seeds.split(",")], d1, extra=second):
+            runs.append(r)
+            row = " ".join(f"{x['labels']}: {x['ap']:.3f}/{x['extra']['ap_second']:.3f} "
+                           f"{'2nd' if x['extra']['ll_second'] > x['extra']['ll_first'] else '1st'}"
+                           for x in r["active"])
+            print(f"{ds} split {si} seed {seed} | AP first/second, chosen: {row}", flush=True)
         out["results"][ds] = {"runs": runs, "summary": summary(runs)}
         write_json(Path(__file__).parent / "results" / f"backbone_choice_{a.tag}.json", out)
         for b, c in out["results"][ds]["summary"].items():

@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from cryoal_ext.atomic import write_json
-from cryoal_ext.benchmark import BenchmarkSettings, _evaluate, load_data, run_one, threshold_stats, training_splits
-from cryoal_ext.calibration import answers, attach, of, platt
+from cryoal_ext.benchmark import BenchmarkSettings, _evaluate, load_data, threshold_stats
+from cryoal_ext.calibration import answers, attach, held_out_logits, of, platt
 from cryoal_ext.learner import ActiveLearner
 from cryoal_ext.recipes import get_recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
-from accuracy import DATASETS  # noqa: E402
+from accuracy import DATASETS, every_split  # noqa: E402
 
 MAPS = ("raw", "rounds", "micrographs", "pooled")
 
@@ -80,48 +80,33 @@ def main() -> None:
                               cache_dir=a.cache_dir, feature_model=a.feature_model, splits="all")
         data = load_data(s, progress=lambda *_: None)
         runs = []
-        for si, train in enumerate(training_splits(sorted(data["items"]), s)):
-            for seed in (int(x) for x in a.seeds.split(",")):
-                labels_at: dict = {}
 
-                def maps(learner, evals, budget, labels_at=labels_at, seed=seed):
-                    labels = labels_at[budget]
-                    package = of(learner.model)
-                    zr, yr = learner_round_scores(learner, labels)
-                    zm, ym = micrograph_held_out(learner, labels, recipe, seed)
-                    fitted = {"rounds": package, "micrographs": platt(zm, ym),
-                              "pooled": platt(np.r_[zr, zm], np.r_[yr, ym])}
-                    rec = {}
-                    for name, cal in fitted.items():
-                        attach(learner.model, cal)
-                        ev = _evaluate([learner.picks(data["items"][n].mic, data["items"][n].fmap) for n in evals],
-                                       data["truth"], s, data["shapes"])
-                        rec[name] = {**score(threshold_stats(ev)), "a": round(cal.a, 4), "b": round(cal.b, 4)}
-                    attach(learner.model, package)
-                    return rec
+        def maps(learner, evals, budget, labels, seed):
+            package = of(learner.model)
+            zr, yr, _ = held_out_logits(learner, labels)  # the package's scores (folds of rounds), to pool
+            zm, ym = micrograph_held_out(learner, labels, recipe, seed)
+            fitted = {"rounds": package, "micrographs": platt(zm, ym), "pooled": platt(np.r_[zr, zm], np.r_[yr, ym])}
+            rec = {}
+            for name, cal in fitted.items():
+                attach(learner.model, cal)
+                ev = _evaluate([learner.picks(data["items"][n].mic, data["items"][n].fmap) for n in evals],
+                               data["truth"], s, data["shapes"])
+                rec[name] = {**score(threshold_stats(ev)), "a": round(cal.a, 4), "b": round(cal.b, 4)}
+            attach(learner.model, package)
+            return rec
 
-                r = run_one(s, recipe, seed, data, progress=lambda *_: None, train=train, extra=maps,
-                            labels_at=labels_at)
-                r["split"] = si
-                for x in r["active"]:
-                    x["extra"]["raw"] = score(x["threshold"]["raw"])
-                runs.append(r)
-                row = " | ".join(f"@{x['labels']} " + " ".join(
-                    f"{k} {x['extra'][k]['count_ratio']:.2f}/{x['extra'][k]['f1_lost']:.3f}" for k in MAPS)
-                    for x in r["active"])
-                print(f"{ds} split {si} seed {seed} AP {r['active'][-1]['ap']:.3f} | count / F1 lost: {row}", flush=True)
+        for si, seed, r in every_split(s, recipe, [int(x) for x in a.seeds.split(",")], data, extra=maps):
+            for x in r["active"]:
+                x["extra"]["raw"] = score(x["threshold"]["raw"])
+            runs.append(r)
+            row = " | ".join(f"@{x['labels']} " + " ".join(
+                f"{k} {x['extra'][k]['count_ratio']:.2f}/{x['extra'][k]['f1_lost']:.3f}" for k in MAPS)
+                for x in r["active"])
+            print(f"{ds} split {si} seed {seed} AP {r['active'][-1]['ap']:.3f} | count / F1 lost: {row}", flush=True)
         out["results"][ds] = {"runs": runs, "summary": summary(runs)}
         write_json(Path(__file__).parent / "results" / f"calibration_folds_{a.tag}.json", out)
         for b, c in out["results"][ds]["summary"].items():
             print(f"{ds} @{b}: " + " | ".join(f"{k} {v}" for k, v in c.items()), flush=True)
-
-
-def learner_round_scores(learner: ActiveLearner, labels: list) -> tuple[np.ndarray, np.ndarray]:
-    """The package's held-out scores (folds of rounds), to pool with the micrograph ones."""
-    from cryoal_ext.calibration import held_out_logits
-
-    z, y, _ = held_out_logits(learner, labels)
-    return z, y
 
 
 def summary(runs: list[dict]) -> dict:

@@ -29,13 +29,13 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from cryoal_ext.atomic import write_json
-from cryoal_ext.benchmark import BenchmarkSettings, load_data, run_one, training_splits
+from cryoal_ext.benchmark import BenchmarkSettings, load_data
 from cryoal_ext.coords import inside_border
 from cryoal_ext.metrics import match
 from cryoal_ext.recipes import get_recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
-from accuracy import DATASETS  # noqa: E402
+from accuracy import DATASETS, every_split  # noqa: E402
 
 CLASSES = ("tp", "dup", "beside", "far")
 
@@ -215,19 +215,18 @@ def main() -> None:
                               feature_model=a.feature_model, splits="all")
         data = load_data(s, progress=lambda *_: None)
         runs, first = [], None
-        for si, train in enumerate(training_splits(sorted(data["items"]), s)):
-            for seed in (int(x) for x in a.seeds.split(",")):
-                got: dict = {}
 
-                def grab(learner, evals, budget, got=got):
-                    got["picks"], got["inner"] = classify(learner, data, s, evals)
+        def grab(learner, evals, budget, labels, seed):
+            picks, inner = classify(learner, data, s, evals)
+            return {"picks": picks, "inner": inner}
 
-                r = run_one(s, recipe, seed, data, progress=lambda *_: None, train=train, extra=grab)
-                n_true = r["active"][-1]["threshold"]["calibrated"]["n_true"]
-                row = {"split": si, "seed": seed, "ap": r["active"][-1]["ap"], **tally(got["picks"], n_true, got["inner"])}
-                runs.append(row)
-                first = first or got["picks"]
-                print(f"{ds} split {si} seed {seed}: " + " ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+        for si, seed, r in every_split(s, recipe, [int(x) for x in a.seeds.split(",")], data, extra=grab):
+            got = r["active"][-1]["extra"]
+            n_true = r["active"][-1]["threshold"]["calibrated"]["n_true"]
+            row = {"split": si, "seed": seed, "ap": r["active"][-1]["ap"], **tally(got["picks"], n_true, got["inner"])}
+            runs.append(row)
+            first = first or got["picks"]
+            print(f"{ds} split {si} seed {seed}: " + " ".join(f"{k} {v}" for k, v in row.items()), flush=True)
         tot = {k: float(np.sum([r[k] for r in runs])) for k in runs[0] if k.startswith(("mass_", "confident_"))}
         tot_edge = {k: tot.pop(k) for k in ("confident_far_at_edge", "mass_far_at_edge")}
         nt = float(np.sum([r["n_true"] for r in runs]))
