@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from cryoal_ext.atomic import write_json
+from cryoal_ext.atomic import atomic_path, write_json
 from cryoal_ext.benchmark import BenchmarkSettings, load_data
 from cryoal_ext.coords import inside_border
 from cryoal_ext.metrics import match
@@ -157,7 +157,8 @@ def gallery(picks: list[dict], data, s, path: Path, rng, n_tp: int = 8, n_fp: in
         r += -(-len(chosen) // cols)
     fig.suptitle(f"{path.stem}: yellow = pick, dashed cyan = expert (CryoPPP) picks", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # as every output: whole or not at all, the umask's mode
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -194,7 +195,8 @@ def averages(picks: list[dict], data, s, path: Path) -> None:
         ax.set_title(f"{title}\n(mean of {n})", fontsize=8)
     fig.suptitle(f"{path.stem}: mean image of each class of picks (working scale, first split, one grey scale)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # as every output: whole or not at all, the umask's mode
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
