@@ -11,6 +11,10 @@ whole rounds, the recipe's own prior strength), and the backbone with the higher
 log-likelihood is "chosen".  Reported per budget: AP of u32 (the loop's own model), of u64 on the same
 answers, of the chosen one, and how often u64 was chosen; mean and worst split.
 
+Also the two heads together: picks (NMS) on the mean of the two models' logits, the loop's u32 model
+and u64 fitted on its answers (`ap_mean`), next to the mean of Topaz's two pretrained heads
+(`ap_pretrained_mean`); a second feature source used as an ensemble rather than a choice.
+
     CRYOAL_CACHE=/work/cache OMP_NUM_THREADS=1 python benchmarks/backbone_choice.py --datasets 10028,10017
 """
 from __future__ import annotations
@@ -23,7 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from cryoal_ext.atomic import write_json
-from cryoal_ext.benchmark import BenchmarkSettings, _evaluate, load_data
+from cryoal_ext.benchmark import BenchmarkSettings, _evaluate, _threshold_summary, load_data, threshold_stats
+from cryoal_ext.calibration import held_out_logits, platt
+from cryoal_ext.extract import extract_picks
 from cryoal_ext.learner import ActiveLearner
 from cryoal_ext.recipes import get_recipe
 from cryoal_ext.strength_cv import held_out_loglik
@@ -59,16 +65,39 @@ def main() -> None:
             other.fit(labels)
             ev = _evaluate([other.picks(d2["items"][n].mic, d2["items"][n].fmap) for n in evals],
                            d2["truth"], s2, d2["shapes"])
-            return {"ap_second": round(ev.ap, 4),
+            maps, base = {}, []
+            for n in evals:
+                i1, i2 = d1["items"][n], d2["items"][n]
+                l1, l2 = learner.model.logit_map(i1.fmap.features), other.model.logit_map(i2.fmap.features)
+                assert l1.shape == l2.shape, (n, l1.shape, l2.shape)
+                maps[n] = 0.5 * (l1 + l2)
+                base.append(extract_picks(n, 0.5 * (i1.fmap.score + i2.fmap.score), i1.mic.frame, s1.radius_px))
+
+            def evaluate_mean(a: float = 1.0, b: float = 0.0):
+                return _evaluate([extract_picks(n, a * m + b, d1["items"][n].mic.frame, s1.radius_px)
+                                  for n, m in maps.items()], d1["truth"], s1, d1["shapes"])
+
+            ev_mean = evaluate_mean()
+            ev_base = _evaluate(base, d1["truth"], s1, d1["shapes"])
+            thr = {"raw": threshold_stats(ev_mean)}
+            z1, y, k = held_out_logits(learner, labels)  # the package's Platt map, on the mean of the held-out logits
+            if k:
+                z2, y2, _ = held_out_logits(other, labels)
+                assert np.array_equal(y, y2)
+                cal = platt(0.5 * (z1 + z2), y)
+                thr["calibrated"] = {**threshold_stats(evaluate_mean(cal.a, cal.b)), "a": round(cal.a, 4),
+                                     "b": round(cal.b, 4)}
+            return {"ap_second": round(ev.ap, 4), "ap_mean": round(ev_mean.ap, 4), "threshold_mean": thr,
+                    "ap_pretrained_mean": round(ev_base.ap, 4),
                     "ll_first": round(held_out_loglik(learner, labels, 1.0, learner.model), 4),
                     "ll_second": round(held_out_loglik(other, labels, 1.0, other.model), 4)}
 
         for si, seed, r in every_split(s1, recipe, [int(x) for x in a.seeds.split(",")], d1, extra=second):
             runs.append(r)
-            row = " ".join(f"{x['labels']}: {x['ap']:.3f}/{x['extra']['ap_second']:.3f} "
+            row = " ".join(f"{x['labels']}: {x['ap']:.3f}/{x['extra']['ap_second']:.3f}/{x['extra']['ap_mean']:.3f} "
                            f"{'2nd' if x['extra']['ll_second'] > x['extra']['ll_first'] else '1st'}"
                            for x in r["active"])
-            print(f"{ds} split {si} seed {seed} | AP first/second, chosen: {row}", flush=True)
+            print(f"{ds} split {si} seed {seed} | AP first/second/mean of logits, chosen: {row}", flush=True)
         out["results"][ds] = {"runs": runs, "summary": summary(runs)}
         write_json(Path(__file__).parent / "results" / f"backbone_choice_{a.tag}.json", out)
         for b, c in out["results"][ds]["summary"].items():
@@ -83,10 +112,23 @@ def summary(runs: list[dict]) -> dict:
         e = [r["active"][i]["extra"] for r in runs]
         second = np.array([x["ap_second"] for x in e])
         pick = np.array([x["ll_second"] > x["ll_first"] for x in e])
+        out[str(b)] = {}
         chosen = np.where(pick, second, first)
         best = np.maximum(first, second)
-        out[str(b)] = {name: f"{v.mean():.3f}/{v.min():.3f}" for name, v in
-                       (("first", first), ("second", second), ("chosen", chosen), ("best", best))}
+        cells = [("first", first), ("second", second), ("chosen", chosen), ("best", best)]
+        if "ap_mean" in e[0]:
+            mean = np.array([x["ap_mean"] for x in e])
+            base = np.array([r["baseline"]["ap"] for r in runs])
+            cells += [("mean_of_logits", mean), ("pretrained_mean_of_logits", np.array([x["ap_pretrained_mean"] for x in e]))]
+            out[str(b)]["mean_minus_first"] = f"{(mean - first).mean():+.3f} ({(mean - first).min():+.3f}..{(mean - first).max():+.3f})"
+            out[str(b)]["mean_worst_gain_over_first_pretrained"] = f"{(mean - base).min():+.3f}"
+            for kind in ("raw", "calibrated"):  # sum of p / true count and F1 lost at the suggested threshold
+                got = [(r["active"][i]["threshold"][kind], x["threshold_mean"][kind]) for r, x in zip(runs, e)
+                       if kind in x.get("threshold_mean", {}) and kind in r["active"][i]["threshold"]]
+                if got:
+                    out[str(b)][f"threshold_{kind}_first"] = _threshold_summary([g[0] for g in got])
+                    out[str(b)][f"threshold_{kind}_mean_of_logits"] = _threshold_summary([g[1] for g in got])
+        out[str(b)].update({name: f"{v.mean():.3f}/{v.min():.3f}" for name, v in cells})
         out[str(b)]["second_chosen"] = f"{int(pick.sum())}/{len(pick)}"
         out[str(b)]["right_choice"] = f"{int(np.sum(chosen >= best - 1e-9))}/{len(pick)}"
     return out
