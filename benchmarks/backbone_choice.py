@@ -6,8 +6,8 @@ lose on EMPIAR-10028 (-0.064 at 10, -0.008 at 100; `results/accuracy_u64_splits.
 default for both.  A session could choose per dataset if its answers say which features predict
 them better.  The test: the default loop on `resnet16_u32` collects the answers (its proposals, as
 the product makes them); at each budget the same answers also fit the default recipe on
-`resnet16_u64`; each model's answers are scored held out (`strength_cv.held_out_loglik`: folds of
-whole rounds, the recipe's own prior strength), and the backbone with the higher held-out
+`resnet16_u64`; each model's answers are scored held out (`strength_cv.answers_loglik` of
+`calibration.held_out_scores`: folds of whole rounds, the recipe's own prior strength), and the backbone with the higher held-out
 log-likelihood is "chosen".  Reported per budget: AP of u32 (the loop's own model), of u64 on the same
 answers, of the chosen one, and how often u64 was chosen; mean and worst split.
 
@@ -28,11 +28,11 @@ import numpy as np
 
 from cryoal_ext.atomic import write_json
 from cryoal_ext.benchmark import BenchmarkSettings, _evaluate, _threshold_summary, load_data, threshold_stats
-from cryoal_ext.calibration import held_out_logits, platt
+from cryoal_ext.calibration import CalibrationSettings, answers, held_out_scores, platt
 from cryoal_ext.extract import extract_picks
 from cryoal_ext.learner import ActiveLearner
 from cryoal_ext.recipes import get_recipe
-from cryoal_ext.strength_cv import held_out_loglik
+from cryoal_ext.strength_cv import FOLDS, REFIT_TOL, answers_loglik
 
 sys.path.insert(0, str(Path(__file__).parent))
 from accuracy import DATASETS, every_split  # noqa: E402
@@ -80,17 +80,18 @@ def main() -> None:
             ev_mean = evaluate_mean()
             ev_base = _evaluate(base, d1["truth"], s1, d1["shapes"])
             thr = {"raw": threshold_stats(ev_mean)}
-            z1, y, k = held_out_logits(learner, labels)  # the package's Platt map, on the mean of the held-out logits
-            if k:
-                z2, y2, _ = held_out_logits(other, labels)
-                assert np.array_equal(y, y2)
-                cal = platt(0.5 * (z1 + z2), y)
+            # each model's held-out answers, refitted once: scored for the choice, and (from the calibration's
+            # gate on) the package's Platt map on their mean; same folds, tolerance and strength as both
+            real = answers(learner, labels)
+            z1, _ = held_out_scores(learner, real, FOLDS, learner.model, REFIT_TOL, strength=1.0)
+            z2, _ = held_out_scores(other, real, FOLDS, other.model, REFIT_TOL, strength=1.0)
+            if len(real) >= CalibrationSettings().min_answers:
+                cal = platt(0.5 * (z1 + z2), np.array([l.label for l in real], dtype=np.float64))
                 thr["calibrated"] = {**threshold_stats(evaluate_mean(cal.a, cal.b)), "a": round(cal.a, 4),
                                      "b": round(cal.b, 4)}
             return {"ap_second": round(ev.ap, 4), "ap_mean": round(ev_mean.ap, 4), "threshold_mean": thr,
                     "ap_pretrained_mean": round(ev_base.ap, 4),
-                    "ll_first": round(held_out_loglik(learner, labels, 1.0, learner.model), 4),
-                    "ll_second": round(held_out_loglik(other, labels, 1.0, other.model), 4)}
+                    "ll_first": round(answers_loglik(z1, real), 4), "ll_second": round(answers_loglik(z2, real), 4)}
 
         for si, seed, r in every_split(s1, recipe, [int(x) for x in a.seeds.split(",")], d1, extra=second):
             runs.append(r)

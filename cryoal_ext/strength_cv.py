@@ -31,5 +31,10 @@ def held_out_loglik(learner: "ActiveLearner", labels: list["Label"], strength: f
     if len(real) < 2:
         return 0.0
     z, _ = held_out_scores(learner, real, folds, warm, REFIT_TOL, strength=strength)
+    return answers_loglik(z, real)
+
+
+def answers_loglik(z: np.ndarray, real: list["Label"]) -> float:
+    """Sum of log P(answer) for logits ``z`` at the answers ``real`` (held out by the caller)."""
     sign = np.array([1.0 if l.label == 1 else -1.0 for l in real])
     return -float(np.sum(np.logaddexp(0.0, -sign * z)))
