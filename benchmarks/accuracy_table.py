@@ -95,24 +95,20 @@ def splits_tables(paths: list[str]) -> None:
 def compare_tables(tags: list[str], reference: str = "default") -> None:
     """accuracy.py all-splits runs side by side: per budget mean / worst split / worst gain, and per
     split (seed-averaged) how often each variant is at least the reference's AP, and its worst loss to it."""
-    res: dict[str, dict[str, dict]] = {}
-    for tag in tags:
-        d = json.loads((RESULTS / f"accuracy_{tag}.json").read_text())
-        for ds, variants in d["results"].items():  # a variant on other features than resnet16_u32 is its own row
-            res.setdefault(ds, {}).update({name if v.get("feature_model", "resnet16_u32") == "resnet16_u32"
-                                           else f"{name} ({v['feature_model']})": v for name, v in variants.items()})
+    res = merged(tags)
     print("| dataset | recipe | runs | pretrained | " + " | ".join(
         f"@{b} mean / worst split / worst gain" for b in (10, 25, 50, 100)) + " | splits >= " + reference
           + " @10/25/50/100 | worst loss to " + reference + " (a split) | round median |")
     print("|---|---|---|---|" + "---|" * 4 + "---|---|---|")
     for ds in sorted(res, reverse=True):
-        ref = res[ds].get(reference)
+        ref_key = next((k for k in res[ds] if k.split(" (")[0] == reference), None)  # on whatever features
+        ref = res[ds].get(ref_key)
         for name, r in res[ds].items():
             summ = r["summary"]
             cells = [f"{c['ap_mean']:.3f} / {c['worst_split_ap_mean']:.3f} / {c['min_gain_over_baseline']:+.3f}"
                      for c in summ["budgets"].values()]
             per_split = _split_means(r["runs"])
-            if ref is not None and name != reference:
+            if ref is not None and name != ref_key:
                 rs = _split_means(ref["runs"])
                 diff = np.array([per_split[k] - rs[k] for k in sorted(rs) if k in per_split])
                 wins = "/".join(f"{int((diff[:, i] >= -1e-4).sum())}" for i in range(diff.shape[1])) + f" of {len(diff)}"
@@ -122,6 +118,28 @@ def compare_tables(tags: list[str], reference: str = "default") -> None:
             rt = np.median([x["timing"]["round_median_s"] for x in r["runs"]])
             print(f"| {NAMES.get(ds, ds)} | {name} | {summ['runs']} | {summ['baseline_ap_mean']:.3f} | "
                   + " | ".join(cells) + f" | {wins} | {loss} | {rt:.2f} s |")
+
+
+def merged(tags: list[str]) -> dict[str, dict[str, dict]]:
+    """dataset -> variant -> {runs, summary, feature_model}; the same variant in several files (seeds run
+    separately) is one row, its summary made anew over all its runs.  A variant on other features than
+    resnet16_u32 is its own row."""
+    from cryoal_ext.benchmark import summarise
+
+    res: dict[str, dict[str, dict]] = {}
+    for tag in tags:
+        d = json.loads((RESULTS / f"accuracy_{tag}.json").read_text())
+        for ds, variants in d["results"].items():
+            for name, v in variants.items():
+                fm = v.get("feature_model", "resnet16_u32")
+                key = name if fm == "resnet16_u32" else f"{name} ({fm})"
+                row = res.setdefault(ds, {}).setdefault(key, {"runs": [], "feature_model": fm})
+                row["runs"] += v["runs"]
+    for variants in res.values():
+        for key, row in variants.items():
+            runs = [{**r, "recipe": key} for r in row["runs"]]
+            row["summary"] = summarise(runs)[key]
+    return res
 
 
 def _split_means(runs) -> dict[tuple, np.ndarray]:

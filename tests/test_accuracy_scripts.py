@@ -1,0 +1,38 @@
+"""The benchmark scripts' own helpers: the particle-size stand-ins and merged seed files (issue 16)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import accuracy  # noqa: E402
+import accuracy_table  # noqa: E402
+
+
+def test_dataset_scales_the_header_pixel_size(shared_data):
+    assert "pixel_size" not in accuracy.dataset("10028")
+    assert accuracy.dataset("10028/2")["pixel_size"] == pytest.approx(2.68, abs=1e-3)
+    assert accuracy.dataset("10028*1.5")["pixel_size"] == pytest.approx(8.04, abs=1e-3)
+    assert accuracy.dataset("10017/2")["radius_px"] == 13.5  # radius and truth stay in the files' pixels
+
+
+def _run(split, seed, aps, base=0.5):
+    thr = {"expected": 10.0, "n_true": 10, "f1": 0.8, "f1_best": 0.9}
+    return {"recipe": "default", "seed": seed, "split": split, "train": [f"m{split}"], "baseline": {"ap": base, "threshold": thr},
+            "active": [{"labels": b, "ap": a, "threshold": {"raw": thr}} for b, a in zip((10, 100), aps)],
+            "timing": {"round_median_s": 0.1}}
+
+
+def test_compare_merges_one_variant_over_several_files(tmp_path, monkeypatch):
+    for tag, seed, aps in (("a", 0, (0.6, 0.7)), ("b", 1, (0.8, 0.9))):
+        runs = [_run(0, seed, aps), _run(1, seed, aps)]
+        doc = {"command": "x", "results": {"10028": {"default": {"feature_model": "resnet16_u32", "runs": runs}}}}
+        (tmp_path / f"accuracy_{tag}.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(accuracy_table, "RESULTS", tmp_path)
+    row = accuracy_table.merged(["a", "b"])["10028"]["default"]
+    assert row["summary"]["runs"] == 4 and row["summary"]["splits"] == 2
+    assert row["summary"]["budgets"]["10"]["ap_mean"] == pytest.approx(0.7)
+    assert row["summary"]["budgets"]["100"]["ap_min"] == pytest.approx(0.7)
