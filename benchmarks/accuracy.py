@@ -26,7 +26,9 @@ import numpy as np
 from cryoal_ext.atomic import write_json
 from cryoal_ext.benchmark import BenchmarkSettings, load_data, run_one, summarise, training_splits
 from cryoal_ext.features import DEFAULT_FEATURE_MODEL
+from cryoal_ext.io import list_micrographs
 from cryoal_ext.recipes import get_recipe
+from cryoal_ext.validate import read_header
 
 DATA = Path(os.environ.get("CRYOAL_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 DATASETS = {
@@ -52,14 +54,11 @@ def dataset(spec: str) -> dict:
     covers half the working pixels: the same real particles and expert picks at a size the pretrained
     head finds less often.  '*f' makes them look larger (at most up to no cropping at all).
     """
-    import mrcfile
-
     for op in "/*":
         name, sep, f = spec.partition(op)
         if sep:
             d = dict(DATASETS[name])
-            with mrcfile.open(sorted(Path(d["micrographs"]).glob("*.mrc"))[0], permissive=True) as m:
-                header = float(m.voxel_size.x)
+            header = read_header(list_micrographs(d["micrographs"])[0]).pixel_size
             d["pixel_size"] = header / float(f) if op == "/" else header * float(f)
             return d
     return dict(DATASETS[spec])
@@ -118,10 +117,10 @@ def main() -> None:
     out = {"command": "python benchmarks/accuracy.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v not in (False, None)), "results": {}}
     for ds in a.datasets.split(","):
-        loaded = {}
+        loaded, settings = {}, dataset(ds)
         for vtext in a.variants.split(","):
             name, (base, over), fm = parse_variant(vtext)
-            s = BenchmarkSettings(**dataset(ds), budgets=budgets, batch=10, oracle=a.oracle, ceiling=a.ceiling,
+            s = BenchmarkSettings(**settings, budgets=budgets, batch=10, oracle=a.oracle, ceiling=a.ceiling,
                                   cache_dir=a.cache_dir, feature_model=fm or a.feature_model, splits=a.splits,
                                   calibrate=not a.no_calibration, audit_micrographs=a.audit_micrographs)
             recipe = get_recipe(base, **over)

@@ -101,7 +101,8 @@ def compare_tables(tags: list[str], reference: str = "default") -> None:
           + " @10/25/50/100 | worst loss to " + reference + " (a split) | round median |")
     print("|---|---|---|---|" + "---|" * 4 + "---|---|---|")
     for ds in sorted(res, reverse=True):
-        ref_key = next((k for k in res[ds] if k.split(" (")[0] == reference), None)  # on whatever features
+        ref_key = reference if reference in res[ds] else next(  # else the reference on other features
+            (k for k in res[ds] if k.split(" (")[0] == reference), None)
         ref = res[ds].get(ref_key)
         for name, r in res[ds].items():
             summ = r["summary"]
