@@ -306,10 +306,11 @@ class ActiveLearner:
         l2 = strength * r.l2 / (1.0 + r.l2_decay * n_labels)
         model = BLR(l2=l2, pi=self.pi(), pi_weight=r.pi_weight, standardise=r.standardise, solver=self.solver,
                     **({"newton_tol": newton_tol} if newton_tol is not None else {}))
-        if X.shape[0] == 0 and self.recipe.prior == "pretrained":
+        if X.shape[0] == 0:  # nothing to fit (no labels, no pseudo-labels): Topaz's head, whatever the prior
             w0, b0 = head_of(self.feature_model)
             model.coef_, model.intercept_ = w0, b0
-            model.prior_coef_, model.prior_intercept_ = w0, b0
+            prior = self.prior()
+            model.prior_coef_, model.prior_intercept_ = prior if prior is not None else (np.zeros_like(w0), 0.0)
         else:
             warm = start if self.warm_start else None
             if warm is not None and warm.coef_ is not None:

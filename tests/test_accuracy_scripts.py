@@ -1,15 +1,17 @@
-"""The benchmark scripts' own helpers: the particle-size stand-ins and merged seed files (issue 16)."""
+"""The benchmark scripts' own helpers: the particle-size and weak-head stand-ins, merged seed files (issue 16)."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy  # noqa: E402
 import accuracy_table  # noqa: E402
+import weak_head  # noqa: E402
 
 
 def test_dataset_scales_the_header_pixel_size(shared_data):
@@ -36,3 +38,33 @@ def test_compare_merges_one_variant_over_several_files(tmp_path, monkeypatch):
     assert row["summary"]["runs"] == 4 and row["summary"]["splits"] == 2
     assert row["summary"]["budgets"]["10"]["ap_mean"] == pytest.approx(0.7)
     assert row["summary"]["budgets"]["100"]["ap_min"] == pytest.approx(0.7)
+
+
+def test_weak_head_turns_the_head_at_its_norm_and_keeps_the_mean_logit():
+    rng = np.random.default_rng(0)
+    w0, b0, mean = rng.standard_normal(128), 0.3, rng.standard_normal(128)
+    for deg in (0.0, 30.0, 84.0):
+        w, b = weak_head.rotated(w0, b0, np.radians(deg), mean)
+        assert np.linalg.norm(w) == pytest.approx(np.linalg.norm(w0))
+        assert np.degrees(np.arccos(w @ w0 / (w0 @ w0))) == pytest.approx(deg, abs=1e-6)
+        assert w @ mean + b == pytest.approx(w0 @ mean + b0)
+
+
+def test_weak_head_logit_map_is_the_linear_head():
+    rng = np.random.default_rng(1)
+    f = rng.standard_normal((8, 70, 5)).astype(np.float16)
+    w = rng.standard_normal(8)
+    want = np.tensordot(w, f.astype(np.float64), axes=1) + 0.5
+    assert np.allclose(weak_head.logit_map(f, w, 0.5, rows=16), want, atol=1e-4)
+
+
+def test_weak_head_use_patches_and_restores_the_learners_prior_centre():
+    import cryoal_ext.learner as LRN
+    from cryoal_ext.features import head_of
+
+    weak_head.use({"head": (np.ones(3), 0.25)})
+    try:
+        assert LRN.head_of("anything")[1] == 0.25
+    finally:
+        weak_head.use({})
+    assert LRN.head_of is head_of

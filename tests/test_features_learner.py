@@ -346,3 +346,26 @@ def test_cv_prior_strength_is_the_best_held_out_likelihood_the_climb_saw(example
     assert model.get_params()["l2"] == pytest.approx(10.0 * s)
     assert learner.fit_model(labels[:5]).get_params()["l2"] == pytest.approx(10.0 * s)  # refits keep it
     assert strength_cv.held_out_loglik(learner, labels, s, model) == pytest.approx(scores[str(s)], abs=1e-3)
+
+
+def test_default_holds_the_weights_towards_zero_and_head_towards_topaz(example_items):
+    """Issue 16: the default's prior centre is zero (a ridge); `head` keeps Topaz's head as the centre."""
+    w0, b0 = head_of("resnet16_u32")
+    default = ActiveLearner(list(example_items.values()), RADIUS, get_recipe("default"), "resnet16_u32", seed=0)
+    head = ActiveLearner(list(example_items.values()), RADIUS, get_recipe("head"), "resnet16_u32", seed=0)
+    assert default.prior() is None and np.array_equal(head.prior()[0], w0)
+    assert get_recipe("default").with_(name="head", prior="pretrained") == get_recipe("head")  # the one difference
+    assert get_recipe("evidence").prior == get_recipe("audited").prior == "pretrained"  # measured on `head`
+    # pseudo-labels only: the zero-centred fit still follows Topaz's head where it is sure
+    m = default.fit([])
+    assert np.all(m.prior_coef_ == 0) and np.corrcoef(m.coef_, w0)[0, 1] > 0
+
+
+def test_nothing_to_fit_gives_topaz_head_whatever_the_prior(example_items):
+    """No labels and no pseudo-labels: the pretrained head, not a constant map from the ridge alone."""
+    w0, b0 = head_of("resnet16_u32")
+    for name in ("default", "head"):
+        learner = ActiveLearner(list(example_items.values()), RADIUS, get_recipe(name, pseudo_labels=0),
+                                "resnet16_u32", seed=0)
+        m = learner.fit([])
+        assert np.array_equal(m.coef_, w0) and m.intercept_ == b0

@@ -19,7 +19,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=parse_int_list, default=None, help="several seeds, e.g. 0,1,2,3,4")
     p.add_argument("--repeats", type=int, default=None, help="seeds seed..seed+repeats-1")
-    p.add_argument("--recipe", default="default", help="recipe name(s), comma-separated: default, seed, evidence (the default, its prior strength chosen by the answers' evidence); NAME@FEATURES runs that recipe on other "
+    p.add_argument("--recipe", default="default", help="recipe name(s), comma-separated: default, seed, head (the default until issue 16: held towards Topaz's head), evidence (head, its prior strength chosen by the answers' evidence); NAME@FEATURES runs that recipe on other "
                         "features, e.g. seed@resnet16_u32 (the published recipe on the published one-view features)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe setting (repeatable), e.g. --set l2=10")

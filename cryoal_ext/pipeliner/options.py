@@ -210,7 +210,8 @@ def add_active_learning(job) -> None:
         choices=[n for n, r in RECIPES.items() if r.audits == 0],  # audits: `cryoal round` only, so far
         default_value="default",
         help_text="'default': our tuned settings; 'seed': the published method as it was described; "
-                  "'evidence': the default with its prior's strength chosen each round by the answers' evidence.",
+                  "'head': the default until issue 16, its weights held towards Topaz's head; "
+                  "'evidence': 'head' with its prior's strength chosen each round by the answers' evidence.",
     )
     jo["seed"] = IntJobOption(
         label="Random seed:",

@@ -84,7 +84,7 @@ _VALUE_OPTIONS = {
     "batch": (["--batch"], "proposals per round (default 10)"),
     "train_micrographs": (["--train_micrographs", "--train-micrographs"], "micrographs to learn on (default 2)"),
     "max_train_micrographs": (["--max_train_micrographs"], "cap when labels come from many micrographs (default 12)"),
-    "recipe": (["--recipe"], "engine recipe: default, seed or evidence"),
+    "recipe": (["--recipe"], "engine recipe: default, seed, head or evidence"),
     "seed": (["--seed"], "random seed (default 0)"),
     "relion_version": (["--relion_version"], "4 or 5 (default: from the input STAR's '# version' line)"),
     "feature_model": (["--feature_model", "--feature-model"], f"Topaz backbone, optionally +viewsN (default {DEFAULT_FEATURE_MODEL})"),
