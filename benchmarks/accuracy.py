@@ -45,7 +45,7 @@ VARIANTS = {
     "seed_careful": ("seed", {}),  # same recipe; run with --oracle careful to separate oracle from recipe
     "default": ("default", {}),
     "head": ("head", {}),  # the default until issue 16's cross-validation: the prior towards Topaz's head
-    "evidence": ("evidence", {}),  # the default, its prior strength (l2 and pseudo weight) chosen by the evidence
+    "evidence": ("evidence", {}),  # head, its prior strength (l2 and pseudo weight) chosen by the evidence
 }
 
 

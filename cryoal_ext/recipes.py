@@ -75,11 +75,11 @@ HEAD = Recipe(name="head", l2=10.0, pseudo_labels=100, pseudo_weight=0.3, pseudo
 
 # The default: the same, its weights held towards zero instead of Topaz's head (a ridge, l2=10); the head
 # still speaks through the pseudo-labels and the first proposals.  Chosen by issue 16's protocol (every
-# split x seeds of both shared datasets, on the default 8-view features, README "The prior towards
-# zero"): above `head` in mean and worst split at every budget on both, and above the pretrained
-# model in every run, on the particle-size and weak-head stand-ins too.  Measured, not explained:
-# a pull of l2=10 towards Topaz's head held the model back (on EMPIAR-10017 even a head turned 84
-# degrees away from Topaz's, benchmarks/weak_head.py, let the labels do better than Topaz's own).
+# split x seeds of both shared datasets, README "The prior towards zero"): above `head` in mean and
+# worst split at every budget on both (8-view features; on one view in mean, the worst split lower
+# once, 10017 at 100 labels), and above the pretrained model in all 75 runs.  On the stand-ins (other particle sizes, a weak head) and the bundled crops
+# the two are mixed.  Measured, not explained: a pull of l2=10 towards Topaz's head held the model
+# back (on EMPIAR-10017 even a head turned 84 degrees away, benchmarks/weak_head.py, did better).
 DEFAULT = HEAD.with_(name="default", prior="zero")
 
 # `head` with its prior's strength (l2 and pseudo-label weight together) chosen each round by
