@@ -22,17 +22,16 @@ from cryoal_ext.benchmark import _evaluate
 from cryoal_ext.extract import extract_picks
 from cryoal_ext.features import FeatureMap, head_of
 from cryoal_ext.learner import Item
+from cryoal_ext.model import BLR
 
 SEED = 16  # the random direction's seed: one fixed stand-in, not a search over directions
 
 
-def logit_map(features: np.ndarray, w: np.ndarray, b: float, rows: int = 64) -> np.ndarray:
-    """w . features + b over (C, ny, nx) features, in row chunks (a memory-mapped float16 map stays on disk)."""
-    out = np.empty(features.shape[1:], dtype=np.float32)
-    w32 = w.astype(np.float32)
-    for r in range(0, out.shape[0], rows):
-        out[r : r + rows] = np.tensordot(w32, np.asarray(features[:, r : r + rows], dtype=np.float32), axes=1) + b
-    return out
+def head_model(w: np.ndarray, b: float) -> BLR:
+    """A BLR holding the turned head, so its maps come from the package's own chunked ``logit_map``."""
+    m = BLR()
+    m.coef_, m.intercept_ = np.asarray(w, dtype=np.float64), float(b)
+    return m
 
 
 def rotated(w0: np.ndarray, b0: float, theta: float, mean_feature: np.ndarray) -> tuple[np.ndarray, float]:
@@ -57,12 +56,13 @@ def weaken(data: dict, settings, feature_model: str, target_ap: float, steps: in
 
     def ap_at(theta: float):
         w, b = rotated(w0, b0, theta, mean_feature)
-        maps = {n: logit_map(it.fmap.features, w, b) for n, it in items.items()}
+        head = head_model(w, b)
+        maps = {n: head.logit_map(it.fmap.features) for n, it in items.items()}
         picks = [extract_picks(n, maps[n], it.mic.frame, settings.radius_px) for n, it in items.items()]
         return _evaluate(picks, data["truth"], settings, data["shapes"]).ap, w, b, maps
 
     original = ap_at(0.0)[0]
-    lo, hi = 0.0, np.pi / 2  # AP falls as the head turns away (checked at both ends below)
+    lo, hi = 0.0, np.pi / 2  # assumes AP falls as the head turns away; the record keeps the AP reached
     best = None
     for _ in range(steps):
         mid = 0.5 * (lo + hi)

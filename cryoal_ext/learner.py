@@ -309,8 +309,8 @@ class ActiveLearner:
         if X.shape[0] == 0:  # nothing to fit (no labels, no pseudo-labels): Topaz's head, whatever the prior
             w0, b0 = head_of(self.feature_model)
             model.coef_, model.intercept_ = w0, b0
-            prior = self.prior()
-            model.prior_coef_, model.prior_intercept_ = prior if prior is not None else (np.zeros_like(w0), 0.0)
+            model.prior_coef_, model.prior_intercept_ = ((w0, b0) if self.recipe.prior == "pretrained"
+                                                         else (np.zeros_like(w0), 0.0))
         else:
             warm = start if self.warm_start else None
             if warm is not None and warm.coef_ is not None:

@@ -77,8 +77,8 @@ HEAD = Recipe(name="head", l2=10.0, pseudo_labels=100, pseudo_weight=0.3, pseudo
 # still speaks through the pseudo-labels and the first proposals.  Chosen by issue 16's protocol (every
 # split x seeds of both shared datasets, README "The prior towards zero"): above `head` in mean and
 # worst split at every budget on both (8-view features; on one view in mean, the worst split lower
-# once, 10017 at 100 labels), and above the pretrained model in all 75 runs.  On the stand-ins (other particle sizes, a weak head) and the bundled crops
-# the two are mixed.  Measured, not explained: a pull of l2=10 towards Topaz's head held the model
+# once, 10017 at 100 labels), and above the pretrained model in all 75 runs.  On the stand-ins
+# (other particle sizes, a weak head) and the bundled crops the two are mixed.  Measured, not explained: a pull of l2=10 towards Topaz's head held the model
 # back (on EMPIAR-10017 even a head turned 84 degrees away, benchmarks/weak_head.py, did better).
 DEFAULT = HEAD.with_(name="default", prior="zero")
 

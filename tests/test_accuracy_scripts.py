@@ -55,7 +55,7 @@ def test_weak_head_logit_map_is_the_linear_head():
     f = rng.standard_normal((8, 70, 5)).astype(np.float16)
     w = rng.standard_normal(8)
     want = np.tensordot(w, f.astype(np.float64), axes=1) + 0.5
-    assert np.allclose(weak_head.logit_map(f, w, 0.5, rows=16), want, atol=1e-4)
+    assert np.allclose(weak_head.head_model(w, 0.5).logit_map(f, rows_per_chunk=16), want, atol=1e-4)
 
 
 def test_weak_head_use_patches_and_restores_the_learners_prior_centre():
