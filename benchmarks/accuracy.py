@@ -30,6 +30,7 @@ from cryoal_ext.io import list_micrographs
 from cryoal_ext.recipes import get_recipe
 from cryoal_ext.validate import read_header
 
+import weak_features
 import weak_head
 
 DATA = Path(os.environ.get("CRYOAL_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -53,14 +54,15 @@ def dataset(spec: str) -> dict:
     """A dataset's settings; '10017/2' is the same files with the pixel size taken as half the header's.
 
     '10028~0.45': the same dataset with Topaz's head turned until its AP is 0.45 (weak_head.py; the
-    turn happens after the features load, in ``main``).
+    turn happens after the features load, in ``main``).  '10028+5': noise of 5x each feature channel's
+    spread added to the features (weak_features.py), so the features are weak too; '+5~0.45' both.
 
     Why: a stand-in for a protein Topaz's head has not met (issue 16's new proteins are not shared). Told
     the pixels are finer than they are, the engine crops the micrograph twice as far, so each particle
     covers half the working pixels: the same real particles and expert picks at a size the pretrained
     head finds less often.  '*f' makes them look larger (at most up to no cropping at all).
     """
-    spec = spec.partition("~")[0]
+    spec = spec.partition("~")[0].partition("+")[0]
     for op in "/*":
         name, sep, f = spec.partition(op)
         if sep:
@@ -133,6 +135,10 @@ def main() -> None:
             recipe = get_recipe(base, **over)
             if s.feature_model not in loaded:
                 loaded[s.feature_model] = load_data(s, progress=lambda *_: None)
+                if "+" in ds:  # weak features: smooth noise added to every channel (weak_features.py)
+                    sigma = float(ds.partition("+")[2].partition("~")[0])
+                    loaded[s.feature_model] = weak_features.add_noise(loaded[s.feature_model], s.feature_model, sigma)
+                    print(f"{ds}: features {loaded[s.feature_model]['weak_features']}", flush=True)
                 if "~" in ds:  # a weak head: the same features, Topaz's head turned away (weak_head.py)
                     loaded[s.feature_model] = weak_head.weaken(loaded[s.feature_model], s, s.feature_model,
                                                                float(ds.partition("~")[2]))
@@ -164,7 +170,7 @@ def main() -> None:
                           f"worst {c['expected_over_true_worst']:.3f} | F1 suggested {c['f1_suggested_mean']:.3f} "
                           f"best {c['f1_best_mean']:.3f} gap mean {c['f1_gap_mean']:.3f} worst {c['f1_gap_worst']:.3f}",
                           flush=True)
-            weak = {"weak_head": data["weak_head"]} if "weak_head" in data else {}
+            weak = {k: data[k] for k in ("weak_head", "weak_features") if k in data}
             out["results"].setdefault(ds, {})[name] = {"recipe": recipe.to_dict(), "feature_model": s.feature_model, **weak,
                                                       "runs": runs, "summary": summ,
                                                       "mean_ap": [c["ap_mean"] for c in cells.values()],

@@ -138,7 +138,7 @@ def run_one(s: BenchmarkSettings, recipe: Recipe, seed: int, data, progress=prin
     drawn = sorted(rng.choice(names, size=min(s.train_micrographs, len(names) - 1), replace=False).tolist())
     train = sorted(train) if train is not None else drawn
     rest = [n for n in names if n not in train]
-    n_aud = min(s.audit_micrographs, len(rest) - 1) if recipe.audits > 0 else 0
+    n_aud = min(s.audit_micrographs, len(rest) - 1) if recipe.audits_apart else 0
     audited = sorted(rest[(seed + i) % len(rest)] for i in range(n_aud))  # each seed audits another micrograph
     evals = [n for n in rest if n not in audited]
     t0 = time.perf_counter()

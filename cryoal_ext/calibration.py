@@ -15,8 +15,11 @@ extrapolates, and the false positives among confident picks stay uncounted.  Aud
 proposals of kind ``audit`` (``Recipe.audits``) are picks of micrographs the model never trains
 on, drawn in proportion to their probability; the map fitted on the held-out answers becomes the
 prior centre of a second Platt fit on the audits (selection by the logit alone does not bias a fit
-of P(particle | logit)).  Why micrographs apart: on its training micrographs the model's picks are
-better than elsewhere (benchmarks/audit_fits.py), so audits there would mis-calibrate the rest.
+of P(particle | logit)).  Why micrographs apart: on `head` (one view) the model's picks on its
+training micrographs were better than elsewhere (benchmarks/audit_fits.py).  With the prior towards
+zero they are not (benchmarks/training_audits.py), so ``audits_on='training'`` audits the training
+micrographs' own picks inside the batch; the model trains on those answers, so each is scored by
+the refit that left out its round (``training_audit_map``).
 
 The map is affine in the logit with ``a > 0``, so the ranking, the picks and the AP are the
 same as the raw model's; only the probabilities (and so the suggested threshold and the
@@ -146,12 +149,14 @@ def answers(learner: "ActiveLearner", labels: list["Label"]) -> list["Label"]:
 def audit_answers(learner: "ActiveLearner", labels: list["Label"], audits) -> list[tuple["Label", "Proposal"]]:
     """(answer, audit) for each audited pick answered: the nearest answer within a radius of it, each answer once.
 
-    Only answers on the learner's audit micrographs count (the model never trains there).
+    Only answers on the micrographs the recipe audits count: its audit micrographs (never trained
+    on), or its training micrographs for ``audits_on='training'``.
     """
-    real = [l for l in labels if l.micrograph in learner.audit_items and l.source != "pseudo" and l.label in (0, 1)]
+    where = learner.items if learner.recipe.audits_training else learner.audit_items
+    real = [l for l in labels if l.micrograph in where and l.source != "pseudo" and l.label in (0, 1)]
     used, out = set(), []
     for a in audits:
-        if getattr(a, "kind", "audit") != "audit" or a.micrograph not in learner.audit_items:
+        if getattr(a, "kind", "audit") != "audit" or a.micrograph not in where:
             continue
         near = [(np.hypot(l.x - a.x, l.y - a.y), i) for i, l in enumerate(real)
                 if l.micrograph == a.micrograph and i not in used]
@@ -164,18 +169,47 @@ def audit_answers(learner: "ActiveLearner", labels: list["Label"], audits) -> li
 
 
 def held_out_scores(learner: "ActiveLearner", real: list["Label"], folds: int, warm: "BLR | None", tol: float,
-                    strength: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    strength: float | None = None, at: list[list[tuple[str, float, float]]] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Each answer's logit under a model fitted (from ``warm``, at ``strength``) on the other folds; the folds.
 
+    ``at``: the spots where each answer is scored, its highest logit among them (default: the
+    answer's own spot; an audit's answer: around the audited pick, ``pick_window``).
     Pseudo-labels are kept in every fit (``learner.fit_model`` adds them); only the answers are held out.
     """
     fold = answer_folds(real, folds)
+    at = at if at is not None else [[(l.micrograph, l.x, l.y)] for l in real]
     z = np.empty(len(real))
     for f in np.unique(fold):
         out = np.flatnonzero(fold == f)
         model = learner.fit_model([l for l, g in zip(real, fold) if g != f], warm, newton_tol=tol, strength=strength)
-        z[out] = model.decision_function(learner.rows([(real[i].micrograph, real[i].x, real[i].y) for i in out]))
+        spots = [p for i in out for p in at[i]]
+        v = model.decision_function(learner.rows(spots))
+        ends = np.cumsum([len(at[i]) for i in out])
+        z[out] = [seg.max() for seg in np.split(v, ends[:-1])]
     return z, fold
+
+
+def pick_window(learner: "ActiveLearner", audit: "Proposal", fraction: float = 0.5) -> list[tuple[str, float, float]]:
+    """The working pixels within ``fraction`` of a particle radius of an audited pick, as original-pixel spots.
+
+    Why: an audit asked rounds ago was a pick of the model of that round; by now the model's pick
+    for the same particle (or the same speck) may sit a few pixels away, and the logit at the old
+    spot, off the new peak, would say "unlikely" of a particle the user confirmed.  The highest
+    logit nearby is the current model's pick there.  Measured: one 10028 run whose audits started
+    at 20 answers had a confirmed audit scored -5.5 at its old spot, which flattened the map.
+    """
+    it = learner.items[audit.micrograph]
+    fr = it.mic.frame
+    r = learner.radius_px * fraction
+    sx, sy = fr.scale_x, fr.scale_y
+    ny, nx = fr.original_shape
+    xs = audit.x + sx * np.arange(-np.ceil(r / sx), np.ceil(r / sx) + 1)
+    ys = audit.y + sy * np.arange(-np.ceil(r / sy), np.ceil(r / sy) + 1)
+    gx, gy = np.meshgrid(xs, ys)
+    keep = (np.hypot(gx - audit.x, gy - audit.y) <= r) & (gx >= 0) & (gy >= 0) & (gx <= nx - 1) & (gy <= ny - 1)
+    return [(audit.micrograph, audit.x, audit.y)] + [(audit.micrograph, float(x), float(y))
+                                                     for x, y in zip(gx[keep], gy[keep])]
 
 
 def held_out_logits(learner: "ActiveLearner", labels: list["Label"],
@@ -193,8 +227,11 @@ def calibrate(learner: "ActiveLearner", labels: list["Label"], s: CalibrationSet
     """The calibration of the learner's current fit: from its held-out answers, refined on answered audits.
 
     An audit's logit is the current model's at the audited spot (the pick, not an answer's
-    re-centred position): held out, as the model never trains on an audit micrograph.
+    re-centred position): held out, as the model never trains on an audit micrograph.  Audits of
+    the training micrographs are scored by the refits instead (``training_audit_map``).
     """
+    if learner.recipe.audits_training:
+        return training_audit_map(learner, labels, audits, s)
     return refine_on_audits(learner, labels, answers_map(learner, labels, s), audits, s)
 
 
@@ -210,9 +247,40 @@ def answers_map(learner: "ActiveLearner", labels: list["Label"], s: CalibrationS
     return Calibration(cal.a, cal.b, n, npos, k)
 
 
+def training_audit_map(learner: "ActiveLearner", labels: list["Label"], audits=(),
+                       s: CalibrationSettings = CalibrationSettings()) -> Calibration:
+    """The map for audits of the training micrographs (``audits_on='training'``): one set of refits by rounds.
+
+    Every answer is scored by a model fitted without its round, an audit's answer at the audited
+    pick (the highest logit within half a radius of it: ``pick_window``).  The uncertain answers give the prior centre (as ``answers_map``); the audits move it.
+    Why held out: the model trains on an audit once it is answered, so its current logit there is
+    no longer a prediction.
+    """
+    real = answers(learner, labels)
+    n, npos = len(real), sum(l.label for l in real)
+    if n < s.min_answers:
+        return Calibration(n=n, n_positive=npos)
+    pick = {id(l): pick_window(learner, a) for l, a in audit_answers(learner, labels, audits)}
+    z, fold = held_out_scores(learner, real, s.folds, learner.model, s.refit_tol,
+                              at=[pick.get(id(l), [(l.micrograph, l.x, l.y)]) for l in real])
+    y = np.array([l.label for l in real], dtype=np.float64)
+    audited = np.array([id(l) in pick for l in real])
+    centre = platt(z[~audited], y[~audited], s)
+    k = int(np.unique(fold).size)
+    if audited.sum() < s.min_audits:
+        return Calibration(centre.a, centre.b, n, npos, k)
+    ref = platt(z[audited], y[audited], s, centre=(centre.a, centre.b), min_n=s.min_audits)
+    return Calibration(ref.a, ref.b, n, npos, k, audits=int(audited.sum()))
+
+
 def refine_on_audits(learner: "ActiveLearner", labels: list["Label"], cal: Calibration, audits=(),
                      s: CalibrationSettings = CalibrationSettings()) -> Calibration:
-    """``cal`` (``answers_map``) moved as far as the answered audits say; ``cal`` itself below the gates."""
+    """``cal`` (``answers_map``) moved as far as the answered audits say; ``cal`` itself below the gates.
+
+    Audits of the training micrographs need their own held-out refits: ``training_audit_map``.
+    """
+    if learner.recipe.audits_training:
+        return training_audit_map(learner, labels, audits, s)
     if cal.n < s.min_answers:
         return cal
     pairs = audit_answers(learner, labels, audits)

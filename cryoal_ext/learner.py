@@ -60,7 +60,7 @@ class ActiveLearner:
                  seed: int = 0, in_memory: bool | None = None, audit_items: list[Item] = ()):
         if not items:
             raise ValueError("no training micrographs")
-        if recipe.audits > 0 and not audit_items:
+        if recipe.audits_apart and not audit_items:
             raise ValueError(f"recipe {recipe.name!r} asks {recipe.audits} audits a round about the picks of a "
                              "micrograph it never trains on, and none was given: it needs one micrograph more than "
                              "the training ones (audits run in `cryoal round` and `cryoal benchmark`; the RELION, cryoSPARC and napari front ends do not offer them yet)")
@@ -402,37 +402,46 @@ class ActiveLearner:
         """The k most uncertain peaks (entropy), spread as the recipe says; some confident ones if asked.
 
         Then, once the recipe's ``audit_after`` answers on the training micrographs are in, its
-        ``audits`` per round on the audit micrographs, on top of the k (``audits``).
+        ``audits`` per round (``audits``): on the audit micrographs on top of the k, or
+        (``audits_on='training'``) on the training micrographs, in place of as many uncertain ones.
         """
         r = self.recipe
-        n_conf = int(round(k * r.confident_fraction)) if self.model is not None else 0
-        n_unc = k - n_conf
+        answers = sum(1 for l in labels if l.micrograph in self.items and l.source != "pseudo")
+        auditing = r.audits > 0 and answers >= r.audit_after and self.model is not None
+        n_aud = min(r.audits, k) if auditing and r.audits_training else 0  # out of the batch
+        n_conf = int(round((k - n_aud) * r.confident_fraction)) if self.model is not None else 0
+        n_unc = k - n_aud - n_conf
         if r.spread == "features":
             unc = self._take_diverse(n_unc, labels)
         else:
             unc = self._take(self._candidates("entropy", labels, n_unc), n_unc, "uncertain", r.spread)
         props = unc + self._confident(n_conf, labels + [Label(p.micrograph, p.x, p.y, 0) for p in unc])
-        answers = sum(1 for l in labels if l.micrograph in self.items and l.source != "pseudo")
-        if r.audits > 0 and answers >= r.audit_after:
+        if n_aud:
+            props += self.audits(n_aud, labels + [Label(p.micrograph, p.x, p.y, 0) for p in props], draw=answers)
+        elif auditing and r.audits_apart:
             props += self.audits(r.audits, labels, draw=answers)
         return props
 
     def audits(self, k: int, labels: list[Label], draw: int = 0) -> list[Proposal]:
-        """``k`` of the current picks of the audit micrographs, drawn in proportion to their probability.
+        """``k`` of the current picks of the audit micrographs (or, ``audits_on='training'``, of the
+        training micrographs), drawn in proportion to their probability.
 
-        Why: the count and the threshold are about the picks (NMS maxima, mostly confident) of
-        micrographs the model was not trained on; the uncertain proposals never sample them, and
-        the training micrographs' own picks are better than the rest (measured: their probabilities
-        under-count there while over-counting elsewhere; benchmarks/audit_fits.py).  Drawn this way
-        each audit stands for an equal share of the expected count.  Picks within a radius of a spot
-        already labelled are left out.  ``draw`` seeds the draw with the learner's seed, so a round
-        re-run asks the same and the next round anew.
+        Why: the count and the threshold are about the picks (NMS maxima, mostly confident); the
+        uncertain proposals never sample them.  Audits apart: on `head` (one view) the training
+        micrographs' picks were better than the rest (benchmarks/audit_fits.py).  On the training
+        micrographs: with the prior towards zero they are not, and no extra micrograph is needed
+        (benchmarks/training_audits.py).  Drawn this way each audit stands for an equal share of
+        the expected count.  Picks within a radius of a spot already labelled (or proposed, as
+        ``labels`` passes them) are left out.  ``draw`` seeds the draw with the learner's seed, so a
+        round re-run asks the same and the next round anew.
         """
-        if k <= 0 or self.model is None or not self.audit_items:
+        source = self.items if self.recipe.audits_training else self.audit_items
+        if k <= 0 or self.model is None or not source:
             return []
         pool = []
-        for name, it in self.audit_items.items():
-            pk = extract_picks(name, self.model.logit_map(it.fmap.features), it.mic.frame, self.radius_px)
+        for name, it in source.items():
+            zmap = self.logits(name) if name in self.items else self.model.logit_map(it.fmap.features)  # cached
+            pk = extract_picks(name, zmap, it.mic.frame, self.radius_px)
             keep = np.ones(len(pk), bool)
             sel = [(l.x, l.y) for l in labels if l.micrograph == name]
             if sel and len(pk):

@@ -94,7 +94,7 @@ def choose_audit(session: Session, names: list[str], train: list[str], recipe: R
     leaves it out of its training choice: ``audit_micrographs``) and its audits stay comparable.
     """
     kept = [n for n in audit_micrographs(session) if n in names]
-    if kept or recipe.audits <= 0:
+    if kept or not recipe.audits_apart:
         return kept
     rest = sorted(n for n in names if n not in train)
     if not rest:

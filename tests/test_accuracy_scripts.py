@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy  # noqa: E402
 import accuracy_table  # noqa: E402
+import weak_features  # noqa: E402
 import weak_head  # noqa: E402
 
 
@@ -19,6 +20,10 @@ def test_dataset_scales_the_header_pixel_size(shared_data):
     assert accuracy.dataset("10028/2")["pixel_size"] == pytest.approx(2.68, abs=1e-3)
     assert accuracy.dataset("10028*1.5")["pixel_size"] == pytest.approx(8.04, abs=1e-3)
     assert accuracy.dataset("10017/2")["radius_px"] == 13.5  # radius and truth stay in the files' pixels
+
+
+def test_dataset_of_a_weak_stand_in_is_the_datasets_own():
+    assert accuracy.dataset("10028+5~0.45") == accuracy.dataset("10028") == accuracy.dataset("10028+5")
 
 
 def _run(split, seed, aps, base=0.5):
@@ -68,3 +73,30 @@ def test_weak_head_use_patches_and_restores_the_learners_prior_centre():
     finally:
         weak_head.use({})
     assert LRN.head_of is head_of
+
+
+def test_weak_features_noise_is_fixed_smooth_and_unit_variance():
+    a = weak_features.noise("m1", (3, 64, 64))
+    assert np.array_equal(a, weak_features.noise("m1", (3, 64, 64)))  # one fixed draw per micrograph
+    assert not np.allclose(a, weak_features.noise("m2", (3, 64, 64)))
+    assert np.allclose(a.reshape(3, -1).std(axis=1), 1.0, atol=1e-5)
+    # smoothed over ~SMOOTH_PX: neighbours correlate, far pixels do not
+    assert np.corrcoef(a[0, :, :-1].ravel(), a[0, :, 1:].ravel())[0, 1] > 0.8
+    assert abs(np.corrcoef(a[0, :, :-20].ravel(), a[0, :, 20:].ravel())[0, 1]) < 0.1
+
+
+def test_weak_features_add_noise_scales_to_each_channel_and_keeps_topaz_head(monkeypatch):
+    from cryoal_ext.features import FeatureMap
+    from cryoal_ext.learner import Item
+
+    w0, b0 = np.array([1.0, -2.0]), 0.5
+    monkeypatch.setattr(weak_features, "head_of", lambda name: (w0, b0))
+    f = np.stack([np.zeros((40, 40)), 3 * np.ones((40, 40))]).astype(np.float16)
+    f[0, ::2] = 10.0  # channel 0 spreads 5, channel 1 not at all
+    data = {"items": {"m": Item(None, FeatureMap(f, np.zeros((40, 40), np.float32)))}, "truth": {}}
+    out = weak_features.add_noise(data, "resnet16_u32", 2.0)
+    g = np.asarray(out["items"]["m"].fmap.features, dtype=np.float64)
+    assert (g - f)[0].std() == pytest.approx(10.0, rel=0.02) and np.allclose(g[1], 3.0, atol=1e-2)
+    assert np.allclose(out["items"]["m"].fmap.score, np.tensordot(w0, g, axes=1) + b0, atol=0.1)  # g is float16
+    assert out["head"] == (w0, b0) and out["weak_features"]["sigma"] == 2.0
+    assert np.array_equal(np.asarray(data["items"]["m"].fmap.features), f)  # the input is left as it was

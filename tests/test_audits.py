@@ -15,9 +15,11 @@ from cryoal_ext.recipes import get_recipe
 
 def test_recipe_audit_settings_are_checked():
     assert get_recipe("default", audits=4).audits == 4
-    for bad in ({"audits": -1}, {"audit_after": -5}):
+    for bad in ({"audits": -1}, {"audit_after": -5}, {"audits_on": "elsewhere"}):
         with pytest.raises(ValueError, match="audit"):
             get_recipe("default", **bad)
+    assert get_recipe("audited").audits_apart and not get_recipe("default").audits_apart
+    assert not get_recipe("default", audits=3, audits_on="training").audits_apart  # no micrograph kept apart
 
 
 def test_platt_around_a_centre_moves_only_as_far_as_the_audits_say():
@@ -40,6 +42,8 @@ def test_platt_around_a_centre_moves_only_as_far_as_the_audits_say():
 def test_each_audit_takes_the_nearest_answer_on_an_audit_micrograph_within_a_radius_once():
     class L:  # the learner's attributes audit_answers reads
         audit_items = {"a1": None, "a2": None}
+        items = {"t1": None}
+        recipe = get_recipe("audited")
         radius_px = 10.0
 
     labels = [Label("a1", 100, 100, 1), Label("a1", 104, 100, 0), Label("a2", 50, 50, 1), Label("a1", 300, 300, 0),
@@ -65,7 +69,7 @@ def learner_run(example_data, feature_cache):
     mics = [load_micrograph(example_data / "micrographs" / f"{n}.mrc") for n in
             ("061_10028_crop", "311_10028_crop", "312_10028_crop")]
     items = [Item(m, cache.get(m)) for m in mics]
-    recipe = get_recipe("default", audits=3, audit_after=16)
+    recipe = get_recipe("default", audits=3, audit_after=16, audits_on="apart")
     learner = ActiveLearner(items[:2], 28.0, recipe, "resnet16_u32", seed=3, audit_items=items[2:])
     oracle = Oracle(by_micrograph(read_coordinates(example_data / "particles.txt")), 28.0, "careful")
     labels, asked = [], []
@@ -232,3 +236,72 @@ def test_front_ends_without_an_audit_micrograph_refuse_the_recipe_up_front(tmp_p
     with pytest.raises(ValueError, match="not yet in the napari plugin"):
         LabellingController(recipe="audited")
     assert not (tmp_path / "External").exists()
+
+
+def test_training_audits_take_their_place_in_the_batch_and_calibrate_held_out(example_data, feature_cache):
+    """audits_on='training': picks of the training micrographs, in place of uncertain proposals, trained on once
+    answered, and scored for the calibration by the refit that left out their round (at the pick itself)."""
+    from cryoal_ext.calibration import held_out_scores, pick_window, training_audit_map
+    from cryoal_ext.extract import extract_picks
+    from cryoal_ext.features import FeatureCache
+    from cryoal_ext.files import by_micrograph, read_coordinates
+    from cryoal_ext.io import load_micrograph
+    from cryoal_ext.learner import ActiveLearner, Item
+    from cryoal_ext.oracle import Oracle
+
+    cache = FeatureCache(feature_cache, "resnet16_u32", "cpu")
+    items = [Item(m, cache.get(m)) for m in (load_micrograph(example_data / "micrographs" / f"{n}.mrc")
+                                             for n in ("061_10028_crop", "311_10028_crop"))]
+    recipe = get_recipe("default", audits=3, audit_after=16, audits_on="training")
+    learner = ActiveLearner(items, 28.0, recipe, "resnet16_u32", seed=3)  # no audit micrograph needed
+    oracle = Oracle(by_micrograph(read_coordinates(example_data / "particles.txt")), 28.0, "careful")
+    labels, asked = [], []
+    learner.fit(labels)
+    for rnd in range(5):
+        if rnd:  # the audits are picks of the current model on a training micrograph, away from every labelled spot
+            props = learner.propose(8, labels)
+            for p in (p for p in props if p.kind == "audit"):
+                it = learner.items[p.micrograph]
+                pk = extract_picks(p.micrograph, learner.model.logit_map(it.fmap.features), it.mic.frame, 28.0)
+                assert np.min(np.hypot(pk.x - p.x, pk.y - p.y)) < 1e-6
+                assert all(np.hypot(l.x - p.x, l.y - p.y) > 28.0 for l in labels if l.micrograph == p.micrograph)
+        else:
+            props = learner.initial_proposals(8, labels)
+        asked.append(props)
+        labels += oracle.answer(props, rnd)
+        learner.fit(labels)
+    kinds = [[p.kind for p in props] for props in asked]
+    assert all("audit" not in k and len(k) == 8 for k in kinds[:2])
+    assert all(k.count("audit") == 3 and len(k) == 8 for k in kinds[2:])  # 3 of the batch of 8, not on top
+    assert {p.micrograph for props in asked for p in props} <= set(learner.items)
+    # answered audits are trained on like any answer
+    refit = ActiveLearner(items, 28.0, recipe.with_(audits=0), "resnet16_u32", seed=3)
+    assert np.allclose(refit.fit(labels).coef_, learner.model.coef_, atol=1e-6)
+    audits = [p for props in asked for p in props if p.kind == "audit"]
+    pairs = audit_answers(learner, labels, audits)
+    assert len(pairs) == 9
+    s = CalibrationSettings(min_answers=12, min_audits=3)
+    cal = training_audit_map(learner, labels, audits, s)
+    assert cal.audits == 9 and cal.n == 40 and cal.a > 0
+    assert calibrate(learner, labels, s, audits=audits) == cal  # the package's calibrate takes this path
+    # the audits' logits in that fit: the refit without their round, its highest logit within half a radius
+    # of the audited pick (the current model's pick there)
+    real = [l for l in labels if l.source != "pseudo"]
+    window = {id(l): pick_window(learner, a) for l, a in pairs}
+    z, _ = held_out_scores(learner, real, s.folds, learner.model, s.refit_tol,
+                           at=[window.get(id(l), [(l.micrograph, l.x, l.y)]) for l in real])
+    rnd = next(l.round for l, _ in pairs)
+    alone = learner.fit_model([l for l in real if l.round != rnd], learner.model, newton_tol=s.refit_tol)
+    one = next(i for i, l in enumerate(real) if l.round == rnd and id(l) in window)
+    spots = window[id(real[one])]
+    a = next(a for l2, a in pairs if l2 is real[one])
+    assert spots[0] == (a.micrograph, a.x, a.y) and len(spots) > 20
+    assert all(np.hypot(x - a.x, y - a.y) <= 14.0 + 1e-9 for _, x, y in spots)
+    assert z[one] == pytest.approx(float(alone.decision_function(learner.rows(spots)).max()), abs=1e-6)
+    # answers that are not audits: at their own spot, as before
+    plain = next(i for i, l in enumerate(real) if id(l) not in window and l.round == rnd)
+    assert z[plain] == pytest.approx(float(alone.decision_function(learner.rows(
+        [(real[plain].micrograph, real[plain].x, real[plain].y)]))[0]), abs=1e-6)
+    # too few audits: the uncertain answers' own map
+    few = training_audit_map(learner, labels, audits, CalibrationSettings(min_answers=12, min_audits=50))
+    assert few.audits == 0 and few.a > 0

@@ -354,7 +354,9 @@ def test_default_holds_the_weights_towards_zero_and_head_towards_topaz(example_i
     default = ActiveLearner(list(example_items.values()), RADIUS, get_recipe("default"), "resnet16_u32", seed=0)
     head = ActiveLearner(list(example_items.values()), RADIUS, get_recipe("head"), "resnet16_u32", seed=0)
     assert default.prior() is None and np.array_equal(head.prior()[0], w0)
-    assert get_recipe("default").with_(name="head", prior="pretrained") == get_recipe("head")  # the one difference
+    # the differences: the prior's centre, and (issue 16, item 3) 3 audits of the training micrographs a batch
+    assert get_recipe("default").with_(name="head", prior="pretrained", audits=0, audits_on="apart") == get_recipe("head")
+    assert get_recipe("default").audits_training and not get_recipe("default").audits_apart
     assert get_recipe("evidence").prior == get_recipe("audited").prior == "pretrained"  # measured on `head`
     # pseudo-labels only: the zero-centred fit still follows Topaz's head where it is sure
     m = default.fit([])

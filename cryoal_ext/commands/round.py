@@ -113,10 +113,10 @@ def main(args) -> int:
         audited = [n for n in audit_micrographs(session) if n in specs]  # never trained on, whatever their labels
         train = choose_training([n for n in specs if n not in audited], args.train_micrographs, args.seed,
                                 {l.micrograph for l in session.labels.effective()} - set(audited),
-                                keep_free=int(recipe.audits > 0 and not audited))  # room for an audit micrograph
+                                keep_free=int(recipe.audits_apart and not audited))  # room for an audit micrograph
         audited = choose_audit(session, list(specs), train, recipe, args.seed)
         items = list(featurise([specs[n] for n in train], s))
-        audit_items = list(featurise([specs[n] for n in audited], s)) if recipe.audits > 0 else []
+        audit_items = list(featurise([specs[n] for n in audited], s)) if recipe.audits_apart else []
         radius = args.radius_px or s.radius_for(items[0].mic.frame.pixel_size)
         res = labelling_round(session, items, recipe, radius, args.batch, args.feature_model, args.seed,
                               audit_items=audit_items)
@@ -145,7 +145,7 @@ def _check_round_inputs(args) -> None:
     check_inputs(args, files, {"session folder (--session)": args.session,
                                "feature cache folder (--cache-dir)": args.cache_dir})
     recipe = get_recipe(args.recipe)
-    if recipe.audits > 0 and len({f.stem for f in files}) <= args.train_micrographs:
+    if recipe.audits_apart and len({f.stem for f in files}) <= args.train_micrographs:
         raise ValueError(f"--recipe {args.recipe}: its audits ask about a micrograph never trained on, so it needs "
                          f"more micrographs than --train-micrographs {args.train_micrographs} (got {len(files)})")
     shapes = {f.stem: h.shape for f in files if (h := read_header(f)) is not None}
@@ -158,7 +158,7 @@ def _check_audit_room(session: Session, recipe, specs: dict, answers: list[Answe
 
     A micrograph with labels is always trained on; audits need one that is not (chosen once, then kept).
     """
-    if recipe.audits <= 0 or any(n in specs for n in audit_micrographs(session)):
+    if not recipe.audits_apart or any(n in specs for n in audit_micrographs(session)):
         return
     labelled = {l.micrograph for l in session.labels.effective()} | {a.micrograph for a in answers}
     if not set(specs) <= labelled:

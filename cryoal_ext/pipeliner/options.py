@@ -207,7 +207,7 @@ def add_active_learning(job) -> None:
     )
     jo["recipe"] = MultipleChoiceJobOption(
         label="Engine recipe:",
-        choices=[n for n, r in RECIPES.items() if r.audits == 0],  # audits: `cryoal round` only, so far
+        choices=[n for n, r in RECIPES.items() if not r.audits_apart],  # audits apart: `cryoal round` only, so far
         default_value="default",
         help_text="'default': our tuned settings; 'seed': the published method as it was described; "
                   "'head': the default until issue 16, its weights held towards Topaz's head; "
