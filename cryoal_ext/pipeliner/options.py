@@ -209,7 +209,8 @@ def add_active_learning(job) -> None:
         label="Engine recipe:",
         choices=[n for n, r in RECIPES.items() if not r.audits_apart],  # audits apart: `cryoal round` only, so far
         default_value="default",
-        help_text="'default': our tuned settings; 'seed': the published method as it was described; "
+        help_text="'default': our tuned settings (from 50 answers on, 3 of each batch are picks to check, for "
+                  "calibrated probabilities); 'seed': the published method as it was described; "
                   "'head': the default until issue 16, its weights held towards Topaz's head; "
                   "'evidence': 'head' with its prior's strength chosen each round by the answers' evidence.",
     )
