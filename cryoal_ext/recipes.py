@@ -99,10 +99,10 @@ HEAD = Recipe(name="head", l2=10.0, pseudo_labels=100, pseudo_weight=0.3, pseudo
 #
 # Since issue 16 item 3, from 50 answers on 3 of each batch are audits of the training micrographs'
 # picks (drawn in proportion to their probability; answered, trained on, and scored held out for the
-# calibration: calibration.training_audit_map).  The same number of questions; at 100 labels, every
-# split (10028 12 runs, 10017 15): AP the same (0.860 / 0.813 against 0.860 / 0.814), the expected
-# count within 15% of the expert count in 9/12 and 8/15 runs (0/12, 1/15 before), F1 at the suggested
-# threshold within 0.02 of the best in 11/12 and 13/15 (2/12, 9/15).  README "Audits of the training micrographs".
+# calibration: calibration.training_audit_map).  The same number of questions; at 100 labels, issue
+# 16's protocol (10028 30 runs, 10017 45): mean AP 0.003 / 0.002 lower (0.859 / 0.812), the expected
+# count within 15% of the expert count in 20/30 and 20/45 runs (0/30, 8/45 before), F1 at the suggested
+# threshold within 0.02 of the best in 26/30 and 34/45 (6/30, 27/45).  README "Audits of the training micrographs".
 DEFAULT = HEAD.with_(name="default", prior="zero", audits=3, audits_on="training")
 
 # `head` with its prior's strength (l2 and pseudo-label weight together) chosen each round by

@@ -305,3 +305,41 @@ def test_training_audits_take_their_place_in_the_batch_and_calibrate_held_out(ex
     # too few audits: the uncertain answers' own map
     few = training_audit_map(learner, labels, audits, CalibrationSettings(min_answers=12, min_audits=50))
     assert few.audits == 0 and few.a > 0
+
+
+def test_labelling_round_of_the_default_keeps_its_training_audits_and_calibrates_on_them(tmp_path, example_data,
+                                                                                         feature_cache):
+    """The path every front end takes (``workflow.labelling_round``, as the RELION and cryoSPARC jobs and
+    ``cryoal round`` call it): the default's audits are saved with the round's proposals, and past the
+    calibration's answer gate the saved model's map is refined on them."""
+    from cryoal_ext.calibration import of
+    from cryoal_ext.features import FeatureCache
+    from cryoal_ext.files import by_micrograph, read_coordinates
+    from cryoal_ext.io import load_micrograph
+    from cryoal_ext.learner import Item
+    from cryoal_ext.model import BLR
+    from cryoal_ext.oracle import Oracle
+    from cryoal_ext.session import Session
+    from cryoal_ext.workflow import labelling_round, session_audits
+
+    cache = FeatureCache(feature_cache, "resnet16_u32", "cpu")
+    items = [Item(m, cache.get(m)) for m in (load_micrograph(example_data / "micrographs" / f"{n}.mrc")
+                                             for n in ("061_10028_crop", "311_10028_crop"))]
+    oracle = Oracle(by_micrograph(read_coordinates(example_data / "particles.txt")), 28.0, "careful")
+    session = Session(tmp_path / "session")
+    recipe = get_recipe("default")
+    assert recipe.audits == 3 and recipe.audit_after == 50 and recipe.audits_training
+    asked = 0
+    for rnd in range(8):
+        res = labelling_round(session, items, recipe, 28.0, 10, "resnet16_u32", seed=0)
+        kinds = [p.kind for p in res.proposals]
+        assert len(kinds) == 10 and kinds.count("audit") == (3 if res.n_labels >= 50 else 0)
+        answered = asked
+        asked += kinds.count("audit")
+        session.labels.add(oracle.answer(res.proposals, rnd))
+        session.save_state(round=rnd + 1)
+    audits = session_audits(Session(tmp_path / "session"))  # read back from the round files
+    assert len(audits) == asked >= 6 and {a.micrograph for a in audits} <= {it.mic.name for it in items}
+    # the last round's model was calibrated on the audits answered before it (its own are not answered yet)
+    cal = of(BLR.load(session.model_path))
+    assert res.n_labels >= 60 and 5 <= cal.audits <= answered and cal.a > 0
