@@ -252,9 +252,9 @@ def training_audit_map(learner: "ActiveLearner", labels: list["Label"], audits=(
     """The map for audits of the training micrographs (``audits_on='training'``): one set of refits by rounds.
 
     Every answer is scored by a model fitted without its round, an audit's answer at the audited
-    pick (the highest logit within half a radius of it: ``pick_window``).  The uncertain answers give the prior centre (as ``answers_map``); the audits move it.
-    Why held out: the model trains on an audit once it is answered, so its current logit there is
-    no longer a prediction.
+    pick (the highest logit within half a radius of it: ``pick_window``).  The uncertain answers
+    give the prior centre (as ``answers_map``); the audits move it.  Why held out: the model trains
+    on an audit once it is answered, so its current logit there is no longer a prediction.
     """
     real = answers(learner, labels)
     n, npos = len(real), sum(l.label for l in real)
