@@ -24,6 +24,7 @@ from scipy.ndimage import gaussian_filter
 
 from cryoal_ext.features import FeatureMap, head_of
 from cryoal_ext.learner import Item
+from weak_head import head_model
 
 SEED = 17  # one fixed draw of the noise: a stand-in, not a search over draws
 SMOOTH_PX = 2.0  # the noise's correlation length in working pixels (8 A/px): about the features' own
@@ -43,11 +44,12 @@ def add_noise(data: dict, feature_model: str, sigma: float) -> dict:
     its map on the noisy features.
     """
     w0, b0 = head_of(feature_model)
+    head = head_model(w0, b0)
     feats = {n: np.asarray(it.fmap.features, dtype=np.float32) for n, it in data["items"].items()}
     spread = np.sqrt(np.mean([f.reshape(f.shape[0], -1).var(axis=1) for f in feats.values()], axis=0))
     items = {}
     for n, it in data["items"].items():
         g = feats[n] + sigma * spread[:, None, None] * noise(n, feats[n].shape)
-        items[n] = Item(it.mic, FeatureMap(g.astype(np.float16), (np.tensordot(w0, g, axes=1) + b0).astype(np.float32)))
+        items[n] = Item(it.mic, FeatureMap(g.astype(np.float16), head.logit_map(g)))
     return dict(data, items=items, head=(w0, b0),
                 weak_features={"sigma": sigma, "smooth_px": SMOOTH_PX, "noise_seed": SEED})

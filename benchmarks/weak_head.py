@@ -47,9 +47,9 @@ def weaken(data: dict, settings, feature_model: str, target_ap: float, steps: in
     """``data`` (benchmark.load_data) with the head rotated until its AP over every micrograph is ``target_ap``.
 
     Returns the new data with the turned head (``head``, for ``use``) and a ``weak_head`` record
-    (angle, AP, the original AP).  A ``head`` already in ``data`` (weak_features.project) is the one turned.
+    (angle, AP, the original AP).  A ``head`` already in ``data`` (weak_features.add_noise) is the one turned.
     """
-    w0, b0 = data["head"] if "head" in data else head_of(feature_model)  # a projected head (weak_features.py)
+    w0, b0 = data["head"] if "head" in data else head_of(feature_model)
     items = data["items"]
     mean_feature = np.mean([np.asarray(it.fmap.features, dtype=np.float32).mean(axis=(1, 2)) for it in items.values()],
                            axis=0).astype(np.float64)

@@ -37,8 +37,8 @@ class Recipe:
     diversity_pool: int = 6
     confident_fraction: float = 0.0  # share of each batch given to confident picks (calibration checks)
     # audits (issue 16, item 3): once audit_after answers are in, each round also asks this many questions about
-    # the picks of the audit micrographs (never trained on), drawn in proportion to their probability;
-    # calibration.py refines its map on the answers.  On top of the batch: they never train the model
+    # the current picks, drawn in proportion to their probability; calibration.py refines its map on the
+    # answers.  Which picks, and whether they train the model: audits_on
     audits: int = 0
     audit_after: int = 50  # audits refine the held-out-answer map, which needs CalibrationSettings.min_answers
     # where the audits are: 'apart', micrographs never trained on, on top of the batch (recipe `audited`);
