@@ -5,6 +5,7 @@
     python benchmarks/accuracy_table.py --splits benchmarks/results/splits_10028_u32.json benchmarks/results/splits_10017_u32.json
     python benchmarks/accuracy_table.py --compare default evidence evidence_seed   # all-splits variants side by side
     python benchmarks/accuracy_table.py --audits audits_10028 audits_10017 audits2_10017  # README "Audits"
+    python benchmarks/accuracy_table.py --ranges count_range_10028 count_range_10017  # README "How many particles"
 """
 from __future__ import annotations
 
@@ -150,34 +151,60 @@ def _split_means(runs) -> dict[tuple, np.ndarray]:
     return {k: np.mean(v, axis=0) for k, v in by.items()}
 
 
+def budgets(tags: list[str]):
+    """(dataset, variant, its runs, budget index) for every budget of every variant in the tags' results."""
+    for tag in tags:
+        d = json.loads((RESULTS / f"accuracy_{tag}.json").read_text())
+        for ds, variants in d["results"].items():
+            for name, v in variants.items():
+                for b in range(len(v["runs"][0]["active"])):
+                    yield ds, name, v["runs"], b
+
+
 def audit_tables(tags: list[str]) -> None:
     """Count and threshold at each budget, raw / the answers' map alone / answers + audits (recipe with audits)."""
     print("| dataset | labels (+audits) | probabilities | sum of p / true: mean (worst; runs within 15%) | "
           "F1 lost: mean (worst; runs within 0.02) |")
     print("|---|---|---|---|---|")
-    for tag in tags:
-        d = json.loads((RESULTS / f"accuracy_{tag}.json").read_text())
-        for ds, variants in d["results"].items():
-            for name, v in variants.items():
-                runs = v["runs"]
-                for b in range(len(runs[0]["active"])):
-                    aud = max(r["active"][b].get("audits", 0) for r in runs)
-                    for kind, say in (("raw", "raw"), ("answers_only", "answers"), ("calibrated", "answers + audits")):
-                        st = [r["active"][b]["threshold"].get(kind) for r in runs]
-                        st = [s for s in st if s]
-                        if not st or (kind == "calibrated" and not aud):
-                            continue
-                        ratio = np.array([s["expected"] / s["n_true"] for s in st])
-                        gap = np.array([s["f1_best"] - s["f1"] for s in st])
-                        print(f"| {NAMES.get(ds, ds)} ({len(st)} runs, {name}) | {runs[0]['active'][b]['labels']} (+{aud}) "
-                              f"| {say} | {ratio.mean():.3f} ({ratio[np.argmax(abs(ratio - 1))]:.3f}; "
-                              f"{int(np.sum(abs(ratio - 1) <= 0.15))}/{len(st)}) | {gap.mean():.3f} ({gap.max():.3f}; "
-                              f"{int(np.sum(gap <= 0.02))}/{len(st)}) |")
+    for ds, name, runs, b in budgets(tags):
+        aud = max(r["active"][b].get("audits", 0) for r in runs)
+        for kind, say in (("raw", "raw"), ("answers_only", "answers"), ("calibrated", "answers + audits")):
+            st = [r["active"][b]["threshold"].get(kind) for r in runs]
+            st = [s for s in st if s]
+            if not st or (kind == "calibrated" and not aud):
+                continue
+            ratio = np.array([s["expected"] / s["n_true"] for s in st])
+            gap = np.array([s["f1_best"] - s["f1"] for s in st])
+            print(f"| {NAMES.get(ds, ds)} ({len(st)} runs, {name}) | {runs[0]['active'][b]['labels']} (+{aud}) "
+                  f"| {say} | {ratio.mean():.3f} ({ratio[np.argmax(abs(ratio - 1))]:.3f}; "
+                  f"{int(np.sum(abs(ratio - 1) <= 0.15))}/{len(st)}) | {gap.mean():.3f} ({gap.max():.3f}; "
+                  f"{int(np.sum(gap <= 0.02))}/{len(st)}) |")
+
+
+def range_tables(tags: list[str]) -> None:
+    """The expected count's range (calibration.count_estimate) against the expert count, per budget."""
+    print("| dataset | labels | runs | expected / true: mean (range; within 15%) | true count inside the range | "
+          "true below / above it | range width / true count: mean (max) |")
+    print("|---|---|---|---|---|---|---|")
+    for ds, name, runs, b in budgets(tags):
+        st = [r["active"][b]["threshold"].get("calibrated") for r in runs]
+        st = [s for s in st if s and "expected_low" in s]
+        if not st:
+            continue
+        n = np.array([s["n_true"] for s in st], float)
+        e, lo, hi = (np.array([s[k] for s in st]) for k in ("expected", "expected_low", "expected_high"))
+        r, w = e / n, (hi - lo) / n
+        print(f"| {NAMES.get(ds, ds)} ({name}) | {runs[0]['active'][b]['labels']} | {len(st)} | "
+              f"{r.mean():.2f} ({r.min():.2f}-{r.max():.2f}; {int(np.sum(abs(r - 1) <= 0.15))}/{len(st)}) | "
+              f"{int(np.sum((lo <= n) & (n <= hi)))}/{len(st)} ({st[0]['expected_level']:.0%} range) | "
+              f"{int(np.sum(n < lo))} / {int(np.sum(n > hi))} | {w.mean():.2f} ({w.max():.2f}) |")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--audits"]:
         audit_tables(sys.argv[2:])
+    elif sys.argv[1:2] == ["--ranges"]:
+        range_tables(sys.argv[2:])
     elif sys.argv[1:2] == ["--splits"]:
         splits_tables(sys.argv[2:])
     elif sys.argv[1:2] == ["--compare"]:

@@ -82,10 +82,11 @@ def f1_best(ev) -> tuple[float, float]:
     return float(f1[k]), float(ev.scores[k])
 
 
-def threshold_stats(ev, bins: int = 10) -> dict:
+def threshold_stats(ev, bins: int = 10, cal=None) -> dict:
     """What a user thresholding at the suggested value gets, next to the best threshold; reliability bins.
 
-    ``expected``: the sum of the picks' probabilities, the model's own estimate of the particle count.
+    ``expected``: the sum of the picks' probabilities, the model's own estimate of the particle count;
+    with ``cal`` (the calibration behind the scores) also its range (``expected_low``/``_high``).
     """
     from .workflow import suggest_threshold
 
@@ -101,7 +102,16 @@ def threshold_stats(ev, bins: int = 10) -> dict:
     return {"threshold": round(t, 4), "tp": c["tp"], "fp": c["fp"], "precision": round(c["precision"], 4),
             "recall": round(c["recall"], 4), "f1": round(f1, 4), "f1_best": round(best, 4),
             "threshold_best": round(t_best, 4),
-            "expected": round(float(ev.scores.sum()), 1), "n_true": ev.n_true, "reliability": rel}
+            "expected": round(float(ev.scores.sum()), 1), "n_true": ev.n_true, "reliability": rel,
+            **(_count_range(ev.scores, cal) if cal is not None else {})}
+
+
+def _count_range(scores, cal) -> dict:
+    from .calibration import count_estimate
+
+    est = count_estimate(scores, cal)
+    return {} if est.low is None else {"expected_low": round(est.low, 1), "expected_high": round(est.high, 1),
+                                       "expected_level": est.level}
 
 
 def at_recall(ev, recall: float) -> dict:
@@ -186,7 +196,7 @@ def run_one(s: BenchmarkSettings, recipe: Recipe, seed: int, data, progress=prin
             attach(learner.model, cal)  # learner.picks now scores with the calibrated logit (same ranking)
             picks = [learner.picks(items_all[n].mic, items_all[n].fmap) for n in evals]
             ev = _evaluate(picks, truth, s, shapes)
-            rec_b["calibrated"] = {**threshold_stats(ev), "a": round(cal.a, 4), "b": round(cal.b, 4), "answers": cal.n,
+            rec_b["calibrated"] = {**threshold_stats(ev, cal=cal), "a": round(cal.a, 4), "b": round(cal.b, 4), "answers": cal.n,
                                     **({"audits": cal.audits} if cal.audits else {})}
             if cal.audits:  # what the answers alone would have given, on the same picks
                 attach(learner.model, plain)
@@ -253,7 +263,20 @@ def _threshold_summary(stats: list[dict]) -> dict:
             "expected_over_true_worst": round(float(ratio[np.argmax(np.abs(ratio - 1))]), 3),
             "f1_suggested_mean": round(float(np.mean([t["f1"] for t in stats])), 4),
             "f1_best_mean": round(float(np.mean([t["f1_best"] for t in stats])), 4),
-            "f1_gap_mean": round(float(gap.mean()), 4), "f1_gap_worst": round(float(gap.max()), 4)}
+            "f1_gap_mean": round(float(gap.mean()), 4), "f1_gap_worst": round(float(gap.max()), 4),
+            **_range_coverage(stats)}
+
+
+def _range_coverage(stats: list[dict]) -> dict:
+    """How often the expected count's range held the true count, and how wide it was (relative to it)."""
+    ranged = [t for t in stats if "expected_low" in t]
+    if not ranged:
+        return {}
+    inside = [t["expected_low"] <= t["n_true"] <= t["expected_high"] for t in ranged]
+    width = [(t["expected_high"] - t["expected_low"]) / max(t["n_true"], 1) for t in ranged]
+    return {"count_range_level": ranged[0]["expected_level"], "count_range_runs": len(ranged),
+            "count_range_coverage": round(float(np.mean(inside)), 3),
+            "count_range_width_mean": round(float(np.mean(width)), 3)}
 
 
 def summarise(runs: list[dict]) -> dict:

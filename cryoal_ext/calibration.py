@@ -72,6 +72,8 @@ class Calibration:
     n_positive: int = 0
     folds: int = 0
     audits: int = 0  # audited picks the map was refined on (0: answers only)
+    # the posterior covariance of (a, b) (Laplace, at the fit): var a, cov ab, var b; zeros: none (raw or old)
+    cov: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     def logit(self, z):
         return self.a * np.asarray(z, dtype=np.float64) + self.b
@@ -80,16 +82,21 @@ class Calibration:
         return 1.0 / (1.0 + np.exp(-self.logit(z)))
 
     def to_dict(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        d = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        d["cov"] = [float(f"{v:.6g}") for v in self.cov]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Calibration":
         if not isinstance(d, dict):
             return cls()
         try:
+            cov = tuple(float(v) for v in d.get("cov", (0.0, 0.0, 0.0)))
+            if len(cov) != 3 or not all(np.isfinite(cov)) or cov[0] < 0 or cov[2] < 0:
+                cov = (0.0, 0.0, 0.0)
             return cls(a=float(d.get("a", 1.0)), b=float(d.get("b", 0.0)), n=int(d.get("n", 0)),
                        n_positive=int(d.get("n_positive", 0)), folds=int(d.get("folds", 0)),
-                       audits=int(d.get("audits", 0)))
+                       audits=int(d.get("audits", 0)), cov=cov)
         except (TypeError, ValueError):
             return cls()
 
@@ -116,11 +123,14 @@ def platt(z: np.ndarray, y: np.ndarray, s: CalibrationSettings = CalibrationSett
         u = A @ th
         return float(np.sum(np.logaddexp(0.0, u) - y * u) + 0.5 * lam * np.sum((th - centre) ** 2))
 
+    def hessian(th):
+        p = 0.5 * (1.0 + np.tanh(0.5 * (A @ th)))
+        return p, (A * (p * (1.0 - p))[:, None]).T @ A + lam * np.eye(2)
+
     theta, f = centre.copy(), objective(centre)
     for _ in range(100):  # damped Newton: the objective is convex, the backtracking keeps each step downhill
-        p = 0.5 * (1.0 + np.tanh(0.5 * (A @ theta)))
+        p, H = hessian(theta)
         g = A.T @ (p - y) + lam * (theta - centre)
-        H = (A * (p * (1.0 - p))[:, None]).T @ A + lam * np.eye(2)
         step, t = np.linalg.solve(H, g), 1.0
         while t > 1e-6 and objective(theta - t * step) > f:
             t *= 0.5
@@ -128,7 +138,9 @@ def platt(z: np.ndarray, y: np.ndarray, s: CalibrationSettings = CalibrationSett
         f = objective(theta)
         if np.abs(t * step).max() < 1e-9:
             break
-    return Calibration(a=float(max(theta[0], s.min_slope)), b=float(theta[1]), n=n, n_positive=npos)
+    C = np.linalg.inv(hessian(theta)[1])  # Laplace: how far the answers pin the map down
+    return Calibration(a=float(max(theta[0], s.min_slope)), b=float(theta[1]), n=n, n_positive=npos,
+                       cov=(float(C[0, 0]), float(C[0, 1]), float(C[1, 1])))
 
 
 def answer_folds(labels: list["Label"], k: int) -> np.ndarray:
@@ -244,7 +256,7 @@ def answers_map(learner: "ActiveLearner", labels: list["Label"], s: CalibrationS
         return Calibration(n=n, n_positive=npos)  # too few answers to move the probabilities: raw ones
     z, y, k = held_out_logits(learner, labels, s)
     cal = platt(z, y, s)
-    return Calibration(cal.a, cal.b, n, npos, k)
+    return Calibration(cal.a, cal.b, n, npos, k, cov=cal.cov)
 
 
 def training_audit_map(learner: "ActiveLearner", labels: list["Label"], audits=(),
@@ -268,9 +280,9 @@ def training_audit_map(learner: "ActiveLearner", labels: list["Label"], audits=(
     centre = platt(z[~audited], y[~audited], s)
     k = int(np.unique(fold).size)
     if audited.sum() < s.min_audits:
-        return Calibration(centre.a, centre.b, n, npos, k)
+        return Calibration(centre.a, centre.b, n, npos, k, cov=centre.cov)
     ref = platt(z[audited], y[audited], s, centre=(centre.a, centre.b), min_n=s.min_audits)
-    return Calibration(ref.a, ref.b, n, npos, k, audits=int(audited.sum()))
+    return Calibration(ref.a, ref.b, n, npos, k, audits=int(audited.sum()), cov=ref.cov)
 
 
 def refine_on_audits(learner: "ActiveLearner", labels: list["Label"], cal: Calibration, audits=(),
@@ -289,7 +301,50 @@ def refine_on_audits(learner: "ActiveLearner", labels: list["Label"], cal: Calib
     za = learner.audit_logits([(a.micrograph, a.x, a.y) for _, a in pairs])
     ya = np.array([l.label for l, _ in pairs], dtype=np.float64)
     ref = platt(za, ya, s, centre=(cal.a, cal.b), min_n=s.min_audits)
-    return replace(cal, a=ref.a, b=ref.b, audits=len(pairs))
+    return replace(cal, a=ref.a, b=ref.b, audits=len(pairs), cov=ref.cov)
+
+
+@dataclass(frozen=True)
+class CountEstimate:
+    """The model's particle count: the sum of the picks' calibrated probabilities, and a range around it."""
+
+    expected: float
+    low: float | None = None  # None: no range (probabilities not calibrated)
+    high: float | None = None
+    level: float = 0.9
+
+    @property
+    def text(self) -> str:
+        if self.low is None:
+            return f"{self.expected:.0f} (probabilities not calibrated: no range)"
+        return f"{self.expected:.0f} ({self.level:.0%} range {self.low:.0f}-{self.high:.0f})"
+
+    def to_dict(self) -> dict:
+        return {"expected": round(self.expected, 1), "low": None if self.low is None else round(self.low, 1),
+                "high": None if self.high is None else round(self.high, 1), "level": self.level}
+
+
+def count_estimate(scores: np.ndarray, cal: Calibration, level: float = 0.9) -> CountEstimate:
+    """The expected count with a range from the map's own uncertainty (the delta method on ``cal.cov``).
+
+    ``scores``: the picks' calibrated probabilities.  Why a range: with ~15 audits the map, and so
+    the count, is uncertain by about +-15-25% (benchmarks/training_audits.py); the range says so
+    where a bare number would not.  It leaves out what the map cannot see (micrographs unlike the
+    training ones), so it is measured: issue 16's protocol, README "How many particles".
+    """
+    from statistics import NormalDist
+
+    p = np.clip(np.asarray(scores, dtype=np.float64), 1e-12, 1 - 1e-12)
+    e = float(p.sum())
+    if not any(cal.cov):
+        return CountEstimate(e, level=level)
+    z = (np.log(p) - np.log1p(-p) - cal.b) / cal.a  # back to the raw logit the map was fitted on
+    w = p * (1.0 - p)
+    g = np.array([np.sum(w * z), np.sum(w)])  # d(count) / d(a, b)
+    va, cab, vb = cal.cov
+    sd = float(np.sqrt(max(g @ np.array([[va, cab], [cab, vb]]) @ g, 0.0)))
+    k = NormalDist().inv_cdf(0.5 + level / 2)
+    return CountEstimate(e, max(e - k * sd, 0.0), e + k * sd, level)
 
 
 def attach(model: "BLR", cal: Calibration) -> "BLR":

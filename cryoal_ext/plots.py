@@ -134,7 +134,15 @@ def plot_calibration(result: dict, path: str) -> None:
             ax.plot(sp[ok] / n[ok], st[ok] / n[ok], marker=marker, label=f"{name} {kind} ({labels_n} labels)")
             e = np.array([t["expected"] for t in stats])
             tr = np.array([t["n_true"] for t in stats])
-            bx.scatter(tr, e, marker=marker, s=14, label=f"{name} {kind}")
+            dots = bx.scatter(tr, e, marker=marker, s=14, label=f"{name} {kind}")
+            ranged = [t for t in stats if "expected_low" in t]
+            if ranged:  # the range each run gave for its count (calibration.count_estimate)
+                lo = np.array([t["expected"] - t["expected_low"] for t in ranged])
+                hi = np.array([t["expected_high"] - t["expected"] for t in ranged])
+                bx.errorbar([t["n_true"] for t in ranged], [t["expected"] for t in ranged], yerr=[lo, hi], fmt="none",
+                            lw=0.7, alpha=0.5, color=dots.get_facecolor()[0],
+                            label=f"{name} {kind}: {ranged[0]['expected_level']:.0%} range")
+                lim = max(lim, max(t["expected_high"] for t in ranged))
             lim = max(lim, e.max(), tr.max())
     base = [r["baseline"]["threshold"] for r in runs if "threshold" in r["baseline"]]
     if base:

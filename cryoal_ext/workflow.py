@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .acquisition import Proposal
-from .calibration import attach, calibrate, calibrated
+from .calibration import CountEstimate, attach, calibrate, calibrated, count_estimate, of
 from .extract import Picks
 from .features import DEFAULT_FEATURE_MODEL, FeatureCache
 from .io import load_micrograph
@@ -119,6 +119,20 @@ class RoundResult:
     fit_s: float
     propose_s: float
 
+    @property
+    def note(self) -> str:
+        """What a user should know of this round beyond the counts: its audits and the calibration behind
+        the probabilities (the same sentence in every front end's log)."""
+        k = sum(p.kind == "audit" for p in self.proposals)
+        ask = f"{k} of the {len(self.proposals)} queries are the model's own picks (audits): review them as any other"
+        cal = of(self.model) if self.model is not None else None
+        if cal is None or cal.n == 0 or (cal.a, cal.b) == (1.0, 0.0):
+            how = "probabilities not calibrated yet (too few answers)"
+        else:
+            how = (f"probabilities calibrated on {cal.n} answers held out by rounds"
+                   + (f" and {cal.audits} audited picks" if cal.audits else ""))
+        return (ask + "; " if k else "") + how
+
 
 def _previous_model(session: Session, feature_model: str) -> BLR | None:
     """Last round's model as the solver's starting point (same optimum, fewer steps); None if unusable."""
@@ -142,6 +156,16 @@ def session_audits(session: Session) -> list:
     return out
 
 
+def fit_calibrated(learner: ActiveLearner, labels: list, start: BLR | None = None, audits: Iterable = ()) -> BLR:
+    """Fit on every label, then attach the calibration held out over rounds: the fit of every front end's round.
+
+    The weights stay raw (the next round's proposals rank by them); picks and thresholds use the
+    calibrated map (``calibrated``).  ``audits``: every audit proposal asked so far, answered or not.
+    """
+    model = learner.fit(labels, start=start)
+    return attach(model, calibrate(learner, labels, audits=list(audits)))
+
+
 def labelling_round(session: Session, items: list[Item], recipe: Recipe, radius_px: float, batch: int,
                     feature_model: str, seed: int = 0, audit_items: list[Item] = ()) -> RoundResult:
     """Fit on every label so far, propose the next batch, save model and proposals in the session.
@@ -153,9 +177,7 @@ def labelling_round(session: Session, items: list[Item], recipe: Recipe, radius_
     t = time.perf_counter()
     model = None
     if labels or recipe.pseudo_labels > 0:
-        model = learner.fit(labels, start=_previous_model(session, feature_model))
-        # calibrated probabilities for picking and thresholding (the weights stay raw for proposals)
-        attach(model, calibrate(learner, labels, audits=session_audits(session)))
+        model = fit_calibrated(learner, labels, _previous_model(session, feature_model), session_audits(session))
         model.save(session.model_path, round=session.round, n_labels=len(labels))
     fit_s = time.perf_counter() - t
     t = time.perf_counter()
@@ -176,6 +198,12 @@ def predict(items: Iterable[Item], model: BLR | None, radius_px: float | Callabl
         r = radius_px(it) if callable(radius_px) else radius_px
         logits = it.fmap.score if model is None else model.logit_map(it.fmap.features)
         yield it, extract_picks(it.mic.name, logits, it.mic.frame, r, threshold)
+
+
+def expected_count(scores: np.ndarray, model: BLR | None) -> CountEstimate:
+    """The model's own estimate of the particle count (the sum of the picks' calibrated probabilities),
+    with the range the calibration's uncertainty gives (README "How many particles")."""
+    return count_estimate(np.asarray(scores, dtype=np.float64), of(model))
 
 
 def suggest_threshold(scores: np.ndarray) -> float:

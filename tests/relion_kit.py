@@ -286,6 +286,22 @@ def picker_edit(project: RelionProject, micrograph: str, path: Path, delete: int
     return Edit(micrograph, kept, deleted, new_green, new_red)
 
 
+def truthful_edit(project: RelionProject, micrograph: str, path: Path, truth: tuple[np.ndarray, np.ndarray],
+                  radius: float) -> Edit:
+    """A careful user's review in the picker: delete every query farther than ``radius`` from an expert
+    pick, keep the rest, add nothing; saved in place by relion_star_handler as ``picker_edit`` does."""
+    df = read_table(path)
+    xs, ys = df["rlnCoordinateX"].astype(float).to_numpy(), df["rlnCoordinateY"].astype(float).to_numpy()
+    tx, ty = truth
+    near = np.array([bool(tx.size) and np.hypot(tx - x, ty - y).min() <= radius for x, y in zip(xs, ys)], bool)
+    tmp = path.with_name(path.name + ".edit.star")
+    starfile.write(df[near].reset_index(drop=True) if near.any() else df.iloc[:0], tmp, overwrite=True)
+    project.sh(["relion_star_handler", "--i", str(tmp), "--o", str(path), "--ignore_optics",
+                "--select", "rlnCoordinateX", "--minval", "-99999999", "--maxval", "99999999"])
+    tmp.unlink()
+    return Edit(micrograph, list(zip(xs[near], ys[near])), list(zip(xs[~near], ys[~near])), [], [])
+
+
 def labels_of(folder: Path) -> list[tuple[str, float, float, int]]:
     p = folder / "labels.tsv"
     if not p.exists():

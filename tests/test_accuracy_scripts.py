@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy  # noqa: E402
 import accuracy_table  # noqa: E402
+import count_limits  # noqa: E402
 import weak_features  # noqa: E402
 import weak_head  # noqa: E402
 
@@ -100,3 +101,10 @@ def test_weak_features_add_noise_scales_to_each_channel_and_keeps_topaz_head(mon
     assert np.allclose(out["items"]["m"].fmap.score, np.tensordot(w0, g, axes=1) + b0, atol=0.1)  # g is float16
     assert out["head"] == (w0, b0) and out["weak_features"]["sigma"] == 2.0
     assert np.array_equal(np.asarray(data["items"]["m"].fmap.features), f)  # the input is left as it was
+
+
+def test_count_limits_rows_from_the_committed_dump():
+    """One draw of the offline audits (the dumps are in benchmarks/results): a table row for each question."""
+    assert count_limits.count_row("10028", 15, "platt1", 1).startswith("| 10028 | 15 | platt1 | ")
+    assert count_limits.count_row("10028", 15, "shift1", 1).count("|") == 7
+    assert count_limits.range_row("10028", 15, 0.9, 1).startswith("| 10028 | 15 | 90% | ")

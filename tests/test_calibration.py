@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from cryoal_ext.benchmark import BenchmarkSettings, at_recall, threshold_stats, training_splits
-from cryoal_ext.calibration import Calibration, CalibrationSettings, attach, calibrate, calibrated, of, platt
+from cryoal_ext.calibration import (Calibration, CalibrationSettings, attach, calibrate, calibrated, count_estimate, of,
+                                    platt)
 from cryoal_ext.metrics import Evaluation
 from cryoal_ext.model import BLR
 
@@ -52,6 +53,39 @@ def test_calibrated_folds_the_map_into_the_weights_once_and_survives_save_and_lo
     assert of(back) == Calibration(a=0.4, b=-1.5, n=30, n_positive=12, folds=5)
     assert np.allclose(calibrated(back).decision_function(X), cm.decision_function(X), atol=1e-5)
     assert of(_model({"calibration": "damaged"})) == Calibration()  # unreadable: the identity
+
+
+def test_count_range_covers_the_true_count_as_often_as_it_says_when_the_map_is_right(tmp_path):
+    """The range of the expected count (delta method on the map's Laplace covariance) holds the count
+    the true map gives in about 90% of repeated draws of the answers, and narrows with more of them."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(-1.0, 2.5, 3000)  # the picks' raw logits
+    truth = 1 / (1 + np.exp(-(0.7 * z + 0.4)))
+    want = truth.sum()
+    inside, widths = [], {}
+    for m in (100, 400):
+        w = []
+        for rep in range(150 if m == 100 else 20):
+            i = rng.choice(z.size, m, replace=False)
+            cal = platt(z[i], rng.random(m) < truth[i], CalibrationSettings(prior_sd=10.0), min_n=1)
+            assert all(np.isfinite(cal.cov)) and cal.cov[0] > 0 and cal.cov[2] > 0
+            est = count_estimate(cal.prob(z), cal)
+            assert est.low < est.expected < est.high and est.level == 0.9
+            if m == 100:
+                inside.append(est.low <= want <= est.high)
+            w.append(est.high - est.low)
+        widths[m] = np.mean(w)
+    assert 0.8 <= np.mean(inside) <= 0.98, np.mean(inside)
+    assert widths[400] < 0.7 * widths[100]
+    # no covariance (raw probabilities, or a model saved before ranges): the sum, no range
+    bare = count_estimate(np.array([0.9, 0.5, 0.1]), Calibration())
+    assert bare.expected == pytest.approx(1.5) and bare.low is None and "no range" in bare.text
+    # the covariance is saved with the model; a damaged one is dropped, not trusted
+    m = attach(_model(), Calibration(a=0.5, b=-1.0, n=80, n_positive=20, folds=5, cov=(0.01, -0.002, 0.04)))
+    m.save(tmp_path / "m.npz")
+    assert of(BLR.load(tmp_path / "m.npz")).cov == pytest.approx((0.01, -0.002, 0.04))
+    assert of(_model({"calibration": {"a": 0.5, "b": 0.1, "cov": [-1, 0, 1]}})).cov == (0.0, 0.0, 0.0)
+    assert of(_model({"calibration": {"a": 0.5, "b": 0.1, "cov": "x"}})).cov == (0.0, 0.0, 0.0)
 
 
 def test_training_splits_are_every_pair_or_the_seed_draw():

@@ -130,7 +130,10 @@ def test_offline_rounds_end_to_end(tmp_path, cache_dir, capsys):
     pred = to_pixels(picks, specs)
     assert set(pred) == set(tr)
     ev = evaluate(pred, tr, RADIUS)
-    thr = json.loads((sess / "session.json").read_text())["history"][-1]["suggested_threshold"]
+    last = json.loads((sess / "session.json").read_text())["history"][-1]
+    thr = last["suggested_threshold"]
+    # the particles expected: the sum of the (calibrated) probabilities over every pick written
+    assert last["expected_particles"]["expected"] == pytest.approx(float(np.sum(picks["pick_stats/ncc_score"])), abs=0.2)
     at = ev.counts_at(thr)
     out = capsys.readouterr().out
     with capsys.disabled():

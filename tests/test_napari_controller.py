@@ -296,3 +296,33 @@ def test_display_lowpass():
     out = lowpass(img, 40.0, 8.0)
     assert out.shape == img.shape and out.std() < 0.5 * img.std()
     assert lowpass(img, 0.0, 8.0) is img and lowpass(img, 10.0, 8.0) is img  # off, or finer than Nyquist
+
+
+def test_retrain_asks_the_default_audits_and_calibrates_its_picks_as_every_front_end(tmp_path, feature_cache):
+    """The viewer's round fits through ``workflow.fit_calibrated`` as the jobs do: from 50 answers its
+    batches hold audits of the training micrographs, the model carries a map refined on them, and the
+    picks it shows are the calibrated ones ``predict`` (and so every export) gives."""
+    from cryoal_ext.calibration import of
+    from cryoal_ext.workflow import predict
+
+    c = controller(feature_cache, batch=10)  # no session: the viewer keeps the audits it asked
+    c.open(MICS)
+    c.ensure_features(["311_10028_crop", "312_10028_crop"])
+    oracle = Oracle(truth(), RADIUS, mode="careful")
+    asked = 0
+    for _ in range(9):
+        info = c.retrain()
+        kinds = [p.kind for p in c.proposals]
+        assert kinds.count("audit") == (3 if info.n_labels >= 50 else 0)
+        asked += kinds.count("audit")
+        answer_all(c, oracle)
+    cal = of(c.model)  # fitted before the last batch's audits were answered
+    assert info.n_labels >= 80 and 5 <= cal.audits <= asked - 3 and cal.n == info.n_labels
+    assert (cal.a, cal.b) != (1.0, 0.0) and len(c.asked_audits()) == asked
+    assert info.note.startswith("3 of the 10 queries are the model's own picks") and "audited picks" in info.note
+    name = "311_10028_crop"
+    (_, shown), = predict([c.items[name]], c.model, RADIUS)
+    assert np.allclose(np.sort(c.picks[name].score), np.sort(shown.score), atol=1e-5)
+    # a session set later keeps the audits asked before it (and reads its own back from the round files)
+    c.set_session(tmp_path / "session")
+    assert len(c.asked_audits()) == asked

@@ -264,6 +264,7 @@ def test_round_trip_relion5(tmp_path, cache_dir):
         total += tx.size
     assert found / total > 0.6, f"recall {found / total:.2f} at the suggested threshold {thr}"
     assert "suggested FOM threshold for Extract" in text(tmp_path, "run.out")
+    assert "expected particles: " in text(tmp_path, "run.out")  # the sum of the calibrated probabilities
 
     # the saved model picks another job's micrographs with no labels --------------------------------
     job6 = "External/job006/"

@@ -42,12 +42,12 @@ PARAMS = {"diameter": DIAMETER, "feature_model": DEFAULT_FEATURE_MODEL if FULL e
 ROUND0_LIMIT_S = 1800 if FULL else 600  # how long the pipeliner sleeps while the open GUI is watched
 
 
-def external_options(in_mics: str, in_coords: str | None = None) -> dict:
+def external_options(in_mics: str, in_coords: str | None = None, **params) -> dict:
     """The External job's fields as RELION's job.star names them (fn_exe, in_mic, paramN_label/value)."""
     opts = {"fn_exe": str(K.SCRIPT), "in_mic": in_mics, "nr_threads": 1}
     if in_coords:
         opts["in_coords"] = in_coords
-    for i, (label, value) in enumerate(PARAMS.items(), start=1):
+    for i, (label, value) in enumerate({**PARAMS, **params}.items(), start=1):
         opts[f"param{i}_label"], opts[f"param{i}_value"] = label, value
     return opts
 
@@ -279,6 +279,80 @@ def test_continued_session(project):
     print(f"\nRELION {p.major}: continued session {time.perf_counter() - t0:.1f} s")
     problem = K.same_labels(got, want)
     assert problem is None, f"second run: {problem}"
+
+
+def expert_picks(names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The expert picks inside the micrographs as written (the crops' own, or the shared data's)."""
+    import pandas as pd
+
+    data = os.environ.get("CRYOAL_TEST_DATA")
+    if FULL:
+        f, suffix = (Path(data) if data else K.REPO.parent / "shared" / "data") / "empiar10028" / "particles.txt", ""
+    else:
+        f, suffix = K.REPO / "cryoal_ext" / "example_data" / "empiar10028_small" / "particles.txt", "_crop"
+    t = pd.read_csv(f, sep=r"\s+", dtype={"image_name": str})
+    out = {}
+    for n in names:
+        g = t[(t["image_name"] == n + suffix) & (t["x_coord"] < SIZE) & (t["y_coord"] < SIZE)]
+        out[n] = (g["x_coord"].to_numpy(float), g["y_coord"].to_numpy(float))
+    return out
+
+
+def test_past_fifty_answers_audits_and_calibration(project):
+    """Rounds of careful reviews (false queries deleted, true ones kept) past the 50 answers where the
+    default's audits start, until the probabilities are calibrated on audited picks; then the final
+    picks.  The audits reach the picker as ordinary queries, every review becomes labels exactly
+    once, and the log says what the probabilities rest on."""
+    from cryoal_ext.calibration import of
+    from cryoal_ext.model import BLR
+    from cryoal_ext.session import Session
+
+    p = project
+    t0 = time.perf_counter()
+    job = p.add_job("relion.external", external_options(p.mics, batch=12))
+    truth = expert_picks(MICROGRAPHS)
+    want, cal, audits_seen = [], None, 0
+    for rnd in range(12):
+        assert p.run_job(job) == "Succeeded", p.text(job, "run.err")
+        problem = K.same_labels(K.labels_of(p.root / job), want)
+        assert problem is None, f"round {rnd}: {problem}"
+        session = Session(p.root / job)
+        props = session.load_proposals(rnd)
+        audits = [q for q in props if q.kind == "audit"]
+        assert len(audits) == (3 if len(want) >= 50 else 0), f"round {rnd}: {len(want)} answers, {len(audits)} audits"
+        audits_seen += len(audits)
+        queries = p.coordinate_list(job + "queries.star")
+        written = {Path(m).stem: K.read_table(f)[["rlnCoordinateX", "rlnCoordinateY"]].astype(float).to_numpy()
+                   for m, f in queries.items()}
+        for q in audits:  # asked in the picker, as any query (the STAR file holds 2 decimals)
+            assert np.hypot(*(written[q.micrograph] - [q.x, q.y]).T).min() < 0.01, q
+        cal = of(BLR.load(p.root / job / "model.npz"))
+        if cal.audits >= 5:
+            break
+        want += expected_labels([K.truthful_edit(p, mic, f, truth[Path(mic).stem], RADIUS)
+                                 for mic, f in sorted(queries.items())])
+    assert cal.audits >= 5 and cal.n >= 60, f"never calibrated on audits: {cal}"
+    out = p.text(job, "run.out")
+    assert "are the model's own picks (audits)" in out
+    assert f"probabilities calibrated on {cal.n} answers held out by rounds and {cal.audits} audited picks" in out
+
+    p.edit_job(job, PREDICT_PARAM, "true")
+    assert p.run_job(job) == "Succeeded", p.text(job, "run.err")
+    assert K.same_labels(K.labels_of(p.root / job), want) is None  # the final run adds no label
+    final = of(BLR.load(p.root / job / "model.npz"))  # the final refit is calibrated as the rounds' fits are
+    assert final.n == len(want) and final.audits >= cal.audits and any(final.cov), final
+    summary = json.loads(p.text(job, "threshold.json"))
+    out = p.text(job, "run.out")
+    said = out.rsplit("expected particles: ", 1)[1]
+    assert "% range " in said.splitlines()[0], said.splitlines()[0]
+    expected = float(said.split()[0])
+    n_true = sum(v[0].size for v in truth.values())
+    kept = sum(len(K.read_table(f)) for f in p.coordinate_list(job + "autopick.star").values())
+    print(f"\nRELION {p.major}: {rnd + 1} rounds of careful review, {len(want)} answers "
+          f"({sum(w[3] for w in want)} positive), {audits_seen} audits asked, calibration a={cal.a:.3f} "
+          f"b={cal.b:.3f} on {cal.n} answers and {cal.audits} audits; final picks: {kept} at the suggested "
+          f"threshold {summary['suggested_threshold']:.3f}, expected particles {said.split(' (the sum')[0]}, expert picks "
+          f"{n_true}; {time.perf_counter() - t0:.1f} s")
 
 
 # --- opt-in: the real picker, driven with mouse and keys -----------------------------------------

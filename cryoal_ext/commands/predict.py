@@ -16,7 +16,7 @@ from ..features import parse_feature_model
 from ..io import file_digest, resolve_normalisation
 from ..model import BLR
 from ..shard import Shard, is_complete, merge, reconcile_manifest, write_error, write_micrograph
-from ..workflow import EngineSettings, suggest_threshold
+from ..workflow import EngineSettings, expected_count, suggest_threshold
 from .common import add_engine_arguments, add_size_arguments, apply_threads, check_inputs, given
 from ..validate import probability, positive_int
 from .features import expand
@@ -205,5 +205,6 @@ def main(args) -> int:
     thr = suggest_threshold(merged.scores)
     n = int((merged.scores >= thr).sum())
     print(f"{merged.micrographs} micrographs, {merged.picks} picks -> {out / 'picks.txt'}; "
-          f"suggested threshold {thr:.3f} keeps {n} picks")
+          f"suggested threshold {thr:.3f} keeps {n} picks; expected particles "
+          f"{expected_count(merged.scores, model).text} (the sum of the pick probabilities)")
     return 1 if failed else 0

@@ -132,7 +132,7 @@ def main(args) -> int:
         session.save_state(round=rnd + 1)
         again = f" ({len(outcome.repeated)} answer(s) applied before, skipped)" if outcome.repeated else ""
         print(f"round {rnd}: +{added} labels{again} ({res.n_labels} total, {res.n_positive} positive); "
-              f"{len(res.proposals)} queries -> {out / 'queries.txt'}; model -> {session.model_path}")
+              f"{len(res.proposals)} queries -> {out / 'queries.txt'}; model -> {session.model_path}; {res.note}")
     return 0
 
 

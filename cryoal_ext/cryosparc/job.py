@@ -19,8 +19,8 @@ from ..model import BLR
 from ..recipes import get_recipe
 from ..review import Answer, Edited, apply_answers
 from ..session import Session
-from ..workflow import EngineSettings, MicrographSpec, choose_training, featurise, labelling_round, predict, \
-    suggest_threshold
+from ..workflow import EngineSettings, MicrographSpec, choose_training, expected_count, featurise, fit_calibrated, \
+    labelling_round, predict, session_audits, suggest_threshold
 from .data import (PickRows, check_shape, exposures_to_specs,
                    particles_to_edited, particles_to_labels, picks_to_dataset, proposals_to_rows, save_dataset,
                    uids_of)
@@ -267,7 +267,7 @@ def _labelling(session: Session, specs, s: RoundSettings, reporter: Reporter, ad
     session.save_state(round=rnd + 1)
     reporter.log(f"round {rnd}: {res.n_labels} labels ({res.n_positive} positive); {n_q} queries on "
                  f"{len(rows)} micrograph(s); {len(particles)} picks on the training micrographs, "
-                 f"suggested threshold {thr:.3f}")
+                 f"suggested threshold {thr:.3f}; {res.note}")
     return RoundOutput(rnd, folder, particles, queries, plots, summary)
 
 
@@ -293,7 +293,7 @@ def _fit_for_prediction(session: Session, specs, s: RoundSettings, reporter: Rep
     items = list(_featurise([by_name[n] for n in train], s.engine(), reporter))
     radius = s.engine().radius_for(items[0].mic.frame.pixel_size)
     learner = ActiveLearner(items, radius, get_recipe(s.recipe), s.feature_model, seed=s.seed)
-    model = learner.fit(labels)
+    model = fit_calibrated(learner, labels, audits=session_audits(session))  # as a round fits: calibrated
     model.save(session.model_path, round=session.round, n_labels=len(labels))
     reporter.log(f"refitted on {len(labels)} labels from {len(train)} micrograph(s) in {learner.last_fit_s:.1f} s")
     return model
@@ -325,10 +325,13 @@ def _predict_all(session: Session, specs, s: RoundSettings, reporter: Reporter, 
             reporter.plot(path, caption)
     summary = {"round": rnd, "predict": True, "labels_added": added, "inputs": counts, "micrographs": len(rows),
                "particles": len(particles), "suggested_threshold": round(thr, 4),
-               "kept_at_suggested": int((scores >= thr).sum()), "flip_y": s.flip_y}
+               "kept_at_suggested": int((scores >= thr).sum()),
+               "expected_particles": expected_count(scores, model).to_dict(),
+               "flip_y": s.flip_y}
     session.record(front_end="cryosparc", **summary)
     reporter.log(f"predicted {len(particles)} picks on {len(rows)} micrographs; suggested threshold {thr:.3f} keeps "
-                 f"{summary['kept_at_suggested']} (set it in Inspect Picks, with CTF calibration off)")
+                 f"{summary['kept_at_suggested']} (set it in Inspect Picks, with CTF calibration off); expected "
+                 f"particles {expected_count(scores, model).text} (the sum of the pick probabilities)")
     return RoundOutput(rnd, folder, particles, None, plots, summary)
 
 

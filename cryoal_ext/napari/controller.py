@@ -30,7 +30,9 @@ from ..learner import ActiveLearner, Item
 from ..model import BLR
 from ..recipes import Recipe, get_recipe, offered_in
 from ..session import Session
-from ..workflow import EngineSettings, MicrographSpec, featurise, predict, suggest_threshold
+from ..calibration import CountEstimate, of
+from ..workflow import (EngineSettings, MicrographSpec, RoundResult, expected_count, featurise, fit_calibrated,
+                        predict, session_audits, suggest_threshold)
 
 log = logging.getLogger("cryoal_ext.napari")
 
@@ -86,6 +88,7 @@ class RoundInfo:
     propose_s: float
     train: list[str]
     fitted: bool  # False: proposals come from the pretrained score (or a loaded model)
+    note: str = ""  # the audits among the proposals and what the probabilities rest on (RoundResult.note)
 
 
 class LabellingController:
@@ -117,6 +120,7 @@ class LabellingController:
         self._learner: ActiveLearner | None = None
         self._learner_key: tuple[str, ...] = ()
         self.proposals: list[Proposal] = []
+        self._audits: list[Proposal] = []  # every audit asked without a session (a session keeps its own)
         self.status: list[str | None] = []  # per proposal: None (pending), 'accepted', 'rejected', 'skipped'
         self.picks: dict[str, Picks] = {}
         self.threshold = 0.5
@@ -280,6 +284,12 @@ class LabellingController:
         if self.model is None and self.session.model_path.exists():
             self.model = BLR.load(self.session.model_path)
 
+    def asked_audits(self) -> list[Proposal]:
+        """Every audit proposal asked: the session's saved rounds and this viewer's (asked before a session was set)."""
+        saved = session_audits(self.session) if self.session is not None else []
+        seen = {(a.micrograph, a.x, a.y) for a in saved}
+        return saved + [a for a in self._audits if (a.micrograph, a.x, a.y) not in seen]
+
     @property
     def labels(self) -> list[Label]:
         """Every current label (one per spot, the newest winning)."""
@@ -389,8 +399,8 @@ class LabellingController:
         labels = [l for l in self.labels if l.micrograph in self.items]
         t = time.perf_counter()
         fitted = bool(labels) or (self.recipe.pseudo_labels > 0 and not self._loaded)  # as labelling_round does
-        if fitted:
-            self.model = learner.fit(labels, start=self.model)  # Newton, warm-started from the last model
+        if fitted:  # Newton, warm-started from the last model; calibrated on the answers and audits
+            self.model = fit_calibrated(learner, labels, self.model, self.asked_audits())
             self._loaded = False
         else:  # no labels: the loaded model, else the pretrained score
             learner.model, learner._logits = self.model, {}
@@ -399,16 +409,20 @@ class LabellingController:
         props = learner.propose(self.batch, labels) if learner.model is not None \
             else learner.initial_proposals(self.batch, labels)
         propose_s = time.perf_counter() - t
+        self._audits += [p for p in props if p.kind == "audit"]
         order = {n: i for i, n in enumerate(dict.fromkeys(p.micrograph for p in props))}
         self.proposals = sorted(props, key=lambda p: order[p.micrograph])  # one micrograph after another
         self.status = [None] * len(self.proposals)
         self.picks = {}
+        cal = of(self.model)  # the identity for the pretrained score or a model saved before calibration
         for name in learner.items:
             it = self.items[name]
-            self.picks[name] = extract_picks(name, learner.logits(name), it.mic.frame, self.radius_of(name))
+            self.picks[name] = extract_picks(name, cal.logit(learner.logits(name)).astype(np.float32), it.mic.frame,
+                                             self.radius_of(name))
         pos = sum(l.label for l in labels)
+        note = RoundResult(self.model, self.proposals, len(labels), pos, fit_s, propose_s).note
         info = RoundInfo(self.round, len(labels), pos, len(self.proposals), fit_s, propose_s, list(learner.items),
-                         fitted)
+                         fitted, note)
         if self.session is not None:
             if self.model is not None and fitted:
                 self.model.save(self.session.model_path, round=self.round, n_labels=len(labels))
@@ -452,6 +466,11 @@ class LabellingController:
     def picks_above(self, name: str, threshold: float | None = None) -> Picks | None:
         pk = self.picks.get(name)
         return None if pk is None else pk.above(self.threshold if threshold is None else threshold)
+
+    def expected_count(self) -> CountEstimate:
+        """The sum of every pick's calibrated probability (the model's estimate of the particle count), with a range."""
+        picks = list(self.picks.values())  # a copy: predict may be adding to it in the worker thread
+        return expected_count(np.concatenate([p.score for p in picks]) if picks else np.empty(0), self.model)
 
     def count(self, threshold: float | None = None) -> int:
         t = self.threshold if threshold is None else threshold

@@ -429,7 +429,7 @@ class LabellingWidget(QWidget):
             text = (f"proposal {self.ctl.current_index + 1}/{len(self.ctl.proposals)} on {cur.micrograph} at "
                     f"({cur.x:.0f}, {cur.y:.0f}), p = {cur.score:.2f}: G accept, B reject, N skip")
         r = self.ctl.last_round
-        fit = f"; round {r.round}: fit {r.fit_s:.2f} s, proposals {r.propose_s:.2f} s" if r else ""
+        fit = (f"; round {r.round}: fit {r.fit_s:.2f} s, proposals {r.propose_s:.2f} s\n{r.note}" if r else "")
         self.proposal_label.setText(f"{text}\nlabels: {pos} positive, {neg} negative{fit}")
         self._refresh_count()
 
@@ -439,7 +439,8 @@ class LabellingWidget(QWidget):
         here = self.ctl.picks_above(self.current_name) if self.current_name else None
         n_mic = len(self.ctl.picks)
         self.count_label.setText(f"{self.ctl.count()} picks on {n_mic} micrograph(s)"
-                                 + (f"; {len(here)} on this one" if here is not None else ""))
+                                 + (f"; {len(here)} on this one" if here is not None else "")
+                                 + (f"; particles expected: {self.ctl.expected_count().text}" if n_mic else ""))
 
     def _threshold_changed(self, value: int) -> None:
         self.ctl.threshold = value / 1000.0

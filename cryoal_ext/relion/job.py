@@ -174,7 +174,7 @@ class Job(Inputs, LabelImport, Report):
                            radius_px=radius)
         self._timed("fit_and_propose", t)
         self.log(f"fit {res.fit_s:.1f} s on {res.n_labels} labels ({res.n_positive} positive); "
-                 f"{len(res.proposals)} queries in {res.propose_s:.1f} s")
+                 f"{len(res.proposals)} queries in {res.propose_s:.1f} s; {res.note}")
         t = time.perf_counter()
         all_picks = {it.mic.name: pk for it, pk in
                      predict(items, res.model, lambda it: self.radius_of(self.by_key[it.mic.name]))}
@@ -224,7 +224,7 @@ class Job(Inputs, LabelImport, Report):
     def predict_all(self) -> dict:
         from ..learner import ActiveLearner
         from ..recipes import get_recipe
-        from ..workflow import predict, suggest_threshold
+        from ..workflow import expected_count, fit_calibrated, predict, session_audits, suggest_threshold
 
         s, session = self.s, self.session
         rnd = session.round
@@ -249,7 +249,8 @@ class Job(Inputs, LabelImport, Report):
             t = time.perf_counter()
             learner = ActiveLearner(items, self._radius_for_training(train), get_recipe(s.recipe), feature_model,
                                     seed=s.seed)
-            model = learner.fit(session.labels.effective())
+            # the rounds' fit, calibration included: the final FOMs are the probabilities the threshold assumes
+            model = fit_calibrated(learner, session.labels.effective(), audits=session_audits(session))
             model.save(session.model_path, round=rnd, n_labels=len(session.labels.effective()),
                        diameter_A=self.diameter, radius_px=learner.radius_px)
             self._timed("fit", t)
@@ -291,7 +292,9 @@ class Job(Inputs, LabelImport, Report):
         summary = {"mode": "predict", "round": rnd, "relion_version": self.major, "micrographs": len(names),
                    "labels": {"positive": pos, "negative": neg}, "threshold": float(thr),
                    "suggested_threshold": suggested.value, "picks": n_picks,
-                   "candidates": int((scores >= floor).sum()), "picks_file": plist, "candidates_file": clist,
+                   "candidates": int((scores >= floor).sum()),
+                   "expected_particles": expected_count(scores, model).to_dict(),
+                   "picks_file": plist, "candidates_file": clist,
                    "model": str(self.folder / "model.npz")}
         write_json(self.folder / "threshold.json",
                    {"suggested_threshold": suggested.value, "suggested_threshold_text": suggested.text,
@@ -313,4 +316,6 @@ class Job(Inputs, LabelImport, Report):
         self.log(f"suggested FOM threshold for Extract: {suggested.text} (Particle extraction on {clist} with "
                  f"'Minimum autopick FOM' {suggested.text} keeps exactly the picks autopick.star has at it; "
                  "RELION keeps FOM > threshold)")
+        self.log(f"expected particles: {expected_count(scores, model).text} (the sum of the calibrated pick "
+                 "probabilities, and the range its calibration allows; compare it with the picks you keep)")
         return summary

@@ -1,0 +1,124 @@
+"""How close can audits bring the expected count, and is its range honest? (issue 16, item 3; offline)
+
+Reads the dumps of ``training_audits.py --dump`` (every pick's raw logit at 100 labels, on the
+training and on the evaluated micrographs, whether it is an expert pick, and the package's map
+from the held-out answers).  Each draw takes ``m`` audits from the training micrographs' picks in
+proportion to p (as the default does), answers them from the expert picks, and maps the
+evaluated picks with the result; 20 draws per split.  The audits are not trained on here.
+
+1. ``--what needed``: the package's map (Platt, prior sd 1 centred on the answers' map) for
+   m = 15 (what the default has at 100 labels) up to 1000: how many audits the 15% goal needs.
+2. ``--what estimators``: other ways to use the same audits (a tighter prior; moving the
+   intercept only, with prior sd 1 / 0.5 / none).
+3. ``--what ranges``: the expected count's range (``calibration.count_estimate``, the delta
+   method on the map's Laplace covariance): how often it holds the expert count.
+
+    python benchmarks/count_limits.py --what needed
+    python benchmarks/count_limits.py --what estimators
+    python benchmarks/count_limits.py --what ranges
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import brentq
+
+from cryoal_ext.calibration import Calibration, CalibrationSettings, count_estimate, platt
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def f1_lost(p: np.ndarray, hit: np.ndarray, n_true: int) -> float:
+    from cryoal_ext.workflow import suggest_threshold
+
+    order = np.argsort(-p)
+    best = float(np.max(2 * np.cumsum(hit[order]) / (np.arange(1, p.size + 1) + n_true)))
+    keep = p >= suggest_threshold(p)
+    return best - 2 * hit[keep].sum() / (keep.sum() + n_true)
+
+
+def draws(tag: str, m: int, n_draws: int):
+    """(evaluated logits, their hits, expert count, audited logits, their answers, the answers' map) per draw."""
+    d = np.load(RESULTS / f"training_audits_{tag}.npz")
+    for s in sorted({k.split("_")[0] for k in d.files}):
+        ze, ye, ne = d[f"{s}_ze"].astype(float), d[f"{s}_ye"], int(d[f"{s}_ne"])
+        zt, yt = d[f"{s}_zt"].astype(float), d[f"{s}_yt"]
+        a, b = d[f"{s}_ab"]
+        w = sigmoid(a * zt + b)
+        for k in range(n_draws):
+            i = np.random.default_rng(k).choice(zt.size, min(m, zt.size), replace=False, p=w / w.sum())
+            yield ze, ye, ne, zt[i], yt[i].astype(float), (a, b)
+
+
+def fit(how: str, z: np.ndarray, y: np.ndarray, centre: tuple[float, float]) -> Calibration:
+    """The map from the audits: ``platt<sd>`` (both parameters) or ``shift<sd>`` (the intercept only)."""
+    sd = float(how[5:])
+    if how.startswith("platt"):
+        return platt(z, y, CalibrationSettings(prior_sd=sd), centre=centre, min_n=1)
+    a, b = centre
+
+    def score(delta):  # the MAP condition for the shift, prior N(0, sd^2)
+        return np.sum(y - sigmoid(a * z + b + delta)) - delta / sd ** 2
+
+    return Calibration(a=a, b=b + brentq(score, -30, 30))
+
+
+def count_row(tag: str, m: int, how: str, n_draws: int) -> str:
+    ratio, lost = [], []
+    for ze, ye, ne, z, y, centre in draws(tag, m, n_draws):
+        cal = fit(how, z, y, centre)
+        p = cal.prob(ze)
+        ratio.append(p.sum() / ne)
+        lost.append(f1_lost(p, ye, ne))
+    r, g = np.array(ratio), np.array(lost)
+    return (f"| {tag} | {m} | {how} | {r.mean():.3f} (sd {r.std():.3f}; worst {r[np.argmax(abs(r - 1))]:.3f}) | "
+            f"{np.mean(abs(r - 1) <= 0.15):.0%} | {g.mean():.3f} ({g.max():.3f}; {np.mean(g <= 0.02):.0%}) |")
+
+
+def range_row(tag: str, m: int, level: float, n_draws: int) -> str:
+    inside, width, below, above = [], [], 0, 0
+    for ze, ye, ne, z, y, centre in draws(tag, m, n_draws):
+        cal = fit("platt1", z, y, centre)
+        est = count_estimate(cal.prob(ze), cal, level)
+        inside.append(est.low <= ne <= est.high)
+        width.append((est.high - est.low) / ne)
+        below += ne < est.low
+        above += ne > est.high
+    return (f"| {tag} | {m} | {level:.0%} | {np.mean(inside):.0%} | {below} / {above} | {np.mean(width):.2f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--what", choices=("needed", "estimators", "ranges"), default="needed")
+    ap.add_argument("--tags", default="10028,10017")
+    ap.add_argument("--draws", type=int, default=20)
+    a = ap.parse_args()
+    tags = a.tags.split(",")
+    if a.what == "ranges":
+        print("| dump | audits | range | expert count inside | below / above it | width / expert count |")
+        print("|---|---|---|---|---|---|")
+        for tag in tags:
+            for m in (15, 30):
+                for level in (0.8, 0.9):
+                    print(range_row(tag, m, level, a.draws))
+        return
+    print("| dump | audits | map | sum of p / expert count: mean (sd; worst) | within 15% | F1 lost: mean (worst; within 0.02) |")
+    print("|---|---|---|---|---|---|")
+    for tag in tags:
+        if a.what == "needed":
+            for m in (15, 30, 60, 120, 1000):
+                print(count_row(tag, m, "platt1", a.draws))
+        else:
+            for m in (15, 30):
+                for how in ("platt1", "platt0.5", "shift1", "shift0.5", "shift100"):
+                    print(count_row(tag, m, how, a.draws))
+
+
+if __name__ == "__main__":
+    main()
