@@ -114,12 +114,13 @@ def _last_budget(runs: list[dict], name: str) -> tuple[list[dict], int]:
 
 
 def plot_calibration(result: dict, path: str) -> None:
-    """Reliability diagram (pooled picks of every run, largest budget) and expected vs true count per run."""
+    """Reliability diagram (pooled picks of every run, largest budget) and expected / true count per run,
+    with the range each run gave for its count (why a ratio: the runs' true counts are often alike)."""
     runs = result.get("runs", [result])
     plt = _plt()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4.3))
     ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls=":")
-    lim = 0
+    n_runs = 1
     for name in dict.fromkeys(r.get("recipe", "default") for r in runs):
         rs, i = _last_budget(runs, name)
         labels_n = rs[0]["active"][i]["labels"]
@@ -132,34 +133,31 @@ def plot_calibration(result: dict, path: str) -> None:
             st = np.sum([t["reliability"]["sum_tp"] for t in stats], axis=0)
             ok = n >= 5
             ax.plot(sp[ok] / n[ok], st[ok] / n[ok], marker=marker, label=f"{name} {kind} ({labels_n} labels)")
-            e = np.array([t["expected"] for t in stats])
-            tr = np.array([t["n_true"] for t in stats])
-            dots = bx.scatter(tr, e, marker=marker, s=14, label=f"{name} {kind}")
-            ranged = [t for t in stats if "expected_low" in t]
-            if ranged:  # the range each run gave for its count (calibration.count_estimate)
-                lo = np.array([t["expected"] - t["expected_low"] for t in ranged])
-                hi = np.array([t["expected_high"] - t["expected"] for t in ranged])
-                bx.errorbar([t["n_true"] for t in ranged], [t["expected"] for t in ranged], yerr=[lo, hi], fmt="none",
-                            lw=0.7, alpha=0.5, color=dots.get_facecolor()[0],
-                            label=f"{name} {kind}: {ranged[0]['expected_level']:.0%} range")
-                lim = max(lim, max(t["expected_high"] for t in ranged))
-            lim = max(lim, e.max(), tr.max())
-    base = [r["baseline"]["threshold"] for r in runs if "threshold" in r["baseline"]]
+            stats = sorted(stats, key=lambda t: t["expected"] / max(t["n_true"], 1))
+            ratio = np.array([t["expected"] / max(t["n_true"], 1) for t in stats])
+            x = np.arange(1, ratio.size + 1)
+            dots = bx.scatter(x, ratio, marker=marker, s=14, label=f"{name} {kind}", zorder=3)
+            if all("expected_low" in t for t in stats):  # the range each run gave (calibration.count_estimate)
+                lo = np.array([(t["expected"] - t["expected_low"]) / max(t["n_true"], 1) for t in stats])
+                hi = np.array([(t["expected_high"] - t["expected"]) / max(t["n_true"], 1) for t in stats])
+                bx.errorbar(x, ratio, yerr=[lo, hi], fmt="none", lw=0.8, alpha=0.6, color=dots.get_facecolor()[0],
+                            label=f"{name} {kind}: its {stats[0]['expected_level']:.0%} range")
+            n_runs = max(n_runs, ratio.size)
+    base = sorted(r["baseline"]["threshold"]["expected"] / max(r["baseline"]["threshold"]["n_true"], 1)
+                  for r in runs if "threshold" in r["baseline"])
     if base:
-        bx.scatter([t["n_true"] for t in base], [t["expected"] for t in base], marker="x", s=14, color="k",
-                   label="Topaz pretrained")
-        lim = max(lim, max(t["expected"] for t in base))
+        bx.scatter(np.arange(1, len(base) + 1), base, marker="x", s=14, color="k", label="Topaz pretrained")
     ax.set_xlabel("predicted probability (bin mean)")
     ax.set_ylabel("fraction of picks that are particles")
     ax.set_title("reliability, held-out micrographs", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    xs = np.array([0, lim * 1.05])
-    bx.plot(xs, xs, color="k", lw=0.8)
-    bx.fill_between(xs, 0.85 * xs, 1.15 * xs, color="0.85", label="within 15%")
-    bx.set_xlabel("true particles")
-    bx.set_ylabel("sum of pick probabilities")
-    bx.set_title("expected vs true count, one point per run", fontsize=9)
+    bx.axhline(1.0, color="k", lw=0.8)
+    bx.axhspan(0.85, 1.15, color="0.85", label="within 15%", zorder=0)
+    bx.set_xlim(0, n_runs + 1)
+    bx.set_xlabel("run (sorted by the ratio)")
+    bx.set_ylabel("sum of pick probabilities / true particles")
+    bx.set_title("expected / true count, one point per run", fontsize=9)
     bx.grid(alpha=0.3)
     bx.legend(fontsize=7)
     _save(fig, path)
