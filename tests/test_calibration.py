@@ -141,3 +141,21 @@ def test_calibrate_scores_each_answer_with_a_model_that_did_not_see_it(example_d
     pk = learner.picks(mic, learner.items[mic.name].fmap)
     raw = 1 / (1 + np.exp(-learner.model.logit_map(learner.items[mic.name].fmap.features)))
     assert len(pk) and pk.score.max() == pytest.approx(cal.prob(np.log(raw.max() / (1 - raw.max()))), rel=1e-4)
+
+
+def test_round_note_says_what_the_probabilities_rest_on():
+    """The sentence every front end logs after a round: its audits, and the calibration behind the picks."""
+    from cryoal_ext.acquisition import Proposal
+    from cryoal_ext.workflow import RoundResult, expected_count
+
+    props = [Proposal("m", 1.0, 2.0, 0.5, "uncertain")] * 7 + [Proposal("m", 5.0, 6.0, 0.9, "audit")] * 3
+    assert RoundResult(None, props[:7], 0, 0, 0.0, 0.0).note == "probabilities not calibrated yet (too few answers)"
+    m = attach(_model(), Calibration(a=0.7, b=-0.2, n=84, n_positive=30, folds=5, audits=6, cov=(0.01, 0, 0.02)))
+    note = RoundResult(m, props, 84, 30, 0.1, 0.2).note
+    assert note == ("3 of the 10 queries are the model's own picks (audits): review them as any other; "
+                    "probabilities calibrated on 84 answers held out by rounds and 6 audited picks")
+    raw = attach(_model(), Calibration(n=40, n_positive=10))  # under the 60-answer gate: the identity
+    assert RoundResult(raw, props[:7], 40, 10, 0.1, 0.2).note.startswith("probabilities not calibrated yet")
+    est = expected_count(np.array([0.9, 0.6, 0.2]), m)
+    assert est.expected == pytest.approx(1.7) and est.low < 1.7 < est.high and "90% range" in est.text
+    assert expected_count(np.array([0.9]), None).low is None  # the pretrained score: no range
