@@ -200,6 +200,9 @@ def test_rounds_review_predict_extract(tmp_path, monkeypatch, example_data, feat
     rdos = by_type(project.get_job(predicted).save_results_display_files())
     assert rdos["histogram"][0].title.endswith("in candidates.star")
     assert sum(rdos["histogram"][0].bins) == summary["candidates"]
+    expected = summary["expected_particles"]["expected"]
+    assert rdos["text"][0].title == "Particles expected" and f"{expected:.0f} particles expected" in \
+        rdos["text"][0].display_data
 
     # RELION's Extract, run by the pipeliner, on our picks
     kit = relion_kit()

@@ -97,6 +97,22 @@ def score_histograms(job_dir: str, summary: dict) -> list[ResultsDisplayObject]:
     return out
 
 
+def expected_particles(job_dir: str, summary: dict) -> list[ResultsDisplayObject]:
+    """A final run's own estimate of the particle count and its range (calibration.count_estimate)."""
+    est = summary.get("expected_particles")
+    if not isinstance(est, dict) or not isinstance(est.get("expected"), (int, float)):
+        return []
+    if isinstance(est.get("low"), (int, float)) and isinstance(est.get("high"), (int, float)):
+        text = (f"{est['expected']:.0f} particles expected ({float(est.get('level', 0.9)):.0%} range "
+                f"{est['low']:.0f}-{est['high']:.0f}): the sum of the calibrated pick probabilities, "
+                f"against {summary.get('picks', '?')} picks kept at the threshold")
+    else:
+        text = (f"{est['expected']:.0f} particles expected: the sum of the pick probabilities, not calibrated "
+                "(under 60 answers), so no range")
+    return [create_results_display_object("text", title="Particles expected", display_data=text,
+                                          associated_data=[str(Path(job_dir) / "summary.json")])]
+
+
 def label_rows(history: list[dict]) -> list[list[str]]:
     """One row per run: what it learned from and what it wrote."""
     rows = []
@@ -151,4 +167,5 @@ def results(job_dir: str) -> list[ResultsDisplayObject]:
     if summary is None:
         return [create_results_display_object(
             "pending", message="No results yet", reason=f"{job_dir}summary.json is not written yet")]
-    return overlays(job_dir, summary) + score_histograms(job_dir, summary) + label_counts(job_dir)
+    return (expected_particles(job_dir, summary) + overlays(job_dir, summary) + score_histograms(job_dir, summary)
+            + label_counts(job_dir))
