@@ -91,14 +91,17 @@ class Calibration:
         if not isinstance(d, dict):
             return cls()
         try:
-            cov = tuple(float(v) for v in d.get("cov", (0.0, 0.0, 0.0)))
-            if len(cov) != 3 or not all(np.isfinite(cov)) or cov[0] < 0 or cov[2] < 0:
-                cov = (0.0, 0.0, 0.0)
-            return cls(a=float(d.get("a", 1.0)), b=float(d.get("b", 0.0)), n=int(d.get("n", 0)),
-                       n_positive=int(d.get("n_positive", 0)), folds=int(d.get("folds", 0)),
-                       audits=int(d.get("audits", 0)), cov=cov)
+            cal = cls(a=float(d.get("a", 1.0)), b=float(d.get("b", 0.0)), n=int(d.get("n", 0)),
+                      n_positive=int(d.get("n_positive", 0)), folds=int(d.get("folds", 0)),
+                      audits=int(d.get("audits", 0)))
         except (TypeError, ValueError):
             return cls()
+        try:  # a damaged range costs the range only, never the map
+            cov = tuple(float(v) for v in d.get("cov", (0.0, 0.0, 0.0)))
+        except (TypeError, ValueError):
+            return cal
+        ok = len(cov) == 3 and all(np.isfinite(cov)) and cov[0] >= 0 and cov[2] >= 0
+        return replace(cal, cov=cov) if ok else cal
 
 
 def platt(z: np.ndarray, y: np.ndarray, s: CalibrationSettings = CalibrationSettings(),
