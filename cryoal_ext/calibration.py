@@ -331,7 +331,7 @@ def count_estimate(scores: np.ndarray, cal: Calibration, level: float = 0.9) -> 
     """The expected count with a range from the map's own uncertainty (the delta method on ``cal.cov``).
 
     ``scores``: the picks' calibrated probabilities.  Why a range: with ~15 audits the map, and so
-    the count, is uncertain by about +-15-25% (benchmarks/training_audits.py); the range says so
+    the count, is uncertain by about +-15-25% (benchmarks/count_limits.py); the range says so
     where a bare number would not.  It leaves out what the map cannot see (micrographs unlike the
     training ones), so it is measured: issue 16's protocol, README "How many particles".
     """

@@ -280,15 +280,15 @@ class LabellingController:
         self.store = self.session.labels
         if old:
             self.store.add(old)
-        self.round = self.session.round
+        self.round = max(self.round, self.session.round)  # labels and rounds given before it keep their numbers
         if self.model is None and self.session.model_path.exists():
             self.model = BLR.load(self.session.model_path)
 
     def asked_audits(self) -> list[Proposal]:
         """Every audit proposal asked: the session's saved rounds and this viewer's (asked before a session was set)."""
         saved = session_audits(self.session) if self.session is not None else []
-        seen = {(a.micrograph, a.x, a.y) for a in saved}
-        return saved + [a for a in self._audits if (a.micrograph, a.x, a.y) not in seen]
+        seen = {(a.micrograph, round(a.x, 2), round(a.y, 2)) for a in saved}  # the round files keep 3 decimals
+        return saved + [a for a in self._audits if (a.micrograph, round(a.x, 2), round(a.y, 2)) not in seen]
 
     @property
     def labels(self) -> list[Label]:
@@ -409,7 +409,8 @@ class LabellingController:
         props = learner.propose(self.batch, labels) if learner.model is not None \
             else learner.initial_proposals(self.batch, labels)
         propose_s = time.perf_counter() - t
-        self._audits += [p for p in props if p.kind == "audit"]
+        if self.session is None:  # a session keeps them in its round files
+            self._audits += [p for p in props if p.kind == "audit"]
         order = {n: i for i, n in enumerate(dict.fromkeys(p.micrograph for p in props))}
         self.proposals = sorted(props, key=lambda p: order[p.micrograph])  # one micrograph after another
         self.status = [None] * len(self.proposals)
