@@ -20,27 +20,12 @@ evaluated picks with the result; 20 draws per split.  The audits are not trained
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 import numpy as np
 from scipy.optimize import brentq
 
 from cryoal_ext.calibration import Calibration, CalibrationSettings, count_estimate, platt
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def sigmoid(z):
-    return 1.0 / (1.0 + np.exp(-z))
-
-
-def f1_lost(p: np.ndarray, hit: np.ndarray, n_true: int) -> float:
-    from cryoal_ext.workflow import suggest_threshold
-
-    order = np.argsort(-p)
-    best = float(np.max(2 * np.cumsum(hit[order]) / (np.arange(1, p.size + 1) + n_true)))
-    keep = p >= suggest_threshold(p)
-    return best - 2 * hit[keep].sum() / (keep.sum() + n_true)
+from cryoal_ext.extract import sigmoid
+from training_audits import RESULTS, f1_lost  # the dumps' own script: its folder and its F1 measure
 
 
 def draws(tag: str, m: int, n_draws: int):

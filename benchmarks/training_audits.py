@@ -31,7 +31,7 @@ import weak_features
 from audit_probe import raw_picks
 from cryoal_ext.benchmark import BenchmarkSettings, _evaluate, load_data, run_one, training_splits
 from cryoal_ext.calibration import CalibrationSettings, of, platt
-from cryoal_ext.extract import Picks
+from cryoal_ext.extract import Picks, sigmoid
 from cryoal_ext.features import DEFAULT_FEATURE_MODEL
 from cryoal_ext.recipes import get_recipe
 from cryoal_ext.workflow import suggest_threshold
@@ -68,10 +68,6 @@ def dump(spec: str, splits: list[int], path: Path, cache_dir: str) -> None:
         run_one(s, get_recipe("default"), 0, data, progress=lambda *_: None, train=train, extra=hook)
         np.savez(path, **out)
         print(f"{spec} split {si} dumped", flush=True)
-
-
-def sigmoid(z):
-    return 1.0 / (1.0 + np.exp(-z))
 
 
 def f1_lost(p: np.ndarray, hit: np.ndarray, n_true: int) -> float:

@@ -318,13 +318,28 @@ class CountEstimate:
 
     @property
     def text(self) -> str:
+        return f"{self.expected:.0f} ({self.range_text})"
+
+    @property
+    def range_text(self) -> str:
         if self.low is None:
-            return f"{self.expected:.0f} (probabilities not calibrated: no range)"
-        return f"{self.expected:.0f} ({self.level:.0%} range {self.low:.0f}-{self.high:.0f})"
+            return "probabilities not calibrated: no range"
+        return f"{self.level:.0%} range {self.low:.0f}-{self.high:.0f}"
 
     def to_dict(self) -> dict:
         return {"expected": round(self.expected, 1), "low": None if self.low is None else round(self.low, 1),
                 "high": None if self.high is None else round(self.high, 1), "level": self.level}
+
+    @classmethod
+    def from_dict(cls, d) -> "CountEstimate | None":
+        """What ``to_dict`` wrote (a job's summary.json); None if it is not there or not readable."""
+        if not isinstance(d, dict) or not isinstance(d.get("expected"), (int, float)):
+            return None
+        low, high = d.get("low"), d.get("high")
+        if not (isinstance(low, (int, float)) and isinstance(high, (int, float))):
+            low = high = None
+        level = d.get("level", 0.9)
+        return cls(float(d["expected"]), low, high, float(level) if isinstance(level, (int, float)) else 0.9)
 
 
 def count_estimate(scores: np.ndarray, cal: Calibration, level: float = 0.9) -> CountEstimate:

@@ -159,3 +159,8 @@ def test_round_note_says_what_the_probabilities_rest_on():
     est = expected_count(np.array([0.9, 0.6, 0.2]), m)
     assert est.expected == pytest.approx(1.7) and est.low < 1.7 < est.high and "90% range" in est.text
     assert expected_count(np.array([0.9]), None).low is None  # the pretrained score: no range
+    from cryoal_ext.calibration import CountEstimate
+
+    back = CountEstimate.from_dict(est.to_dict())  # as a job's summary.json carries it to the pipeliner's display
+    assert back.text == est.text and CountEstimate.from_dict(None) is None
+    assert CountEstimate.from_dict({"expected": 3.0, "low": None}).range_text == "probabilities not calibrated: no range"

@@ -318,6 +318,7 @@ def _predict_all(session: Session, specs, s: RoundSettings, reporter: Reporter, 
     save_dataset(folder / "particles.cs", particles)
     scores = np.concatenate([r.score for r in rows]) if rows else np.empty(0)
     thr = suggest_threshold(scores)
+    count = expected_count(scores, model)
     plots = []
     if s.plots and shown:
         plots = _plots(folder, shown, [], session.labels.effective(), radii[shown[0][1].name], scores, thr, rnd)
@@ -326,12 +327,12 @@ def _predict_all(session: Session, specs, s: RoundSettings, reporter: Reporter, 
     summary = {"round": rnd, "predict": True, "labels_added": added, "inputs": counts, "micrographs": len(rows),
                "particles": len(particles), "suggested_threshold": round(thr, 4),
                "kept_at_suggested": int((scores >= thr).sum()),
-               "expected_particles": expected_count(scores, model).to_dict(),
+               "expected_particles": count.to_dict(),
                "flip_y": s.flip_y}
     session.record(front_end="cryosparc", **summary)
     reporter.log(f"predicted {len(particles)} picks on {len(rows)} micrographs; suggested threshold {thr:.3f} keeps "
                  f"{summary['kept_at_suggested']} (set it in Inspect Picks, with CTF calibration off); expected "
-                 f"particles {expected_count(scores, model).text} (the sum of the pick probabilities)")
+                 f"particles {count.text} (the sum of the pick probabilities)")
     return RoundOutput(rnd, folder, particles, None, plots, summary)
 
 

@@ -13,6 +13,8 @@ import numpy as np
 from pipeliner.display_tools import create_results_display_object
 from pipeliner.results_display_objects import ResultsDisplayObject
 
+from ..calibration import CountEstimate
+
 MAX_OVERLAYS = 3
 
 
@@ -99,16 +101,11 @@ def score_histograms(job_dir: str, summary: dict) -> list[ResultsDisplayObject]:
 
 def expected_particles(job_dir: str, summary: dict) -> list[ResultsDisplayObject]:
     """A final run's own estimate of the particle count and its range (calibration.count_estimate)."""
-    est = summary.get("expected_particles")
-    if not isinstance(est, dict) or not isinstance(est.get("expected"), (int, float)):
+    est = CountEstimate.from_dict(summary.get("expected_particles"))
+    if est is None:
         return []
-    if isinstance(est.get("low"), (int, float)) and isinstance(est.get("high"), (int, float)):
-        text = (f"{est['expected']:.0f} particles expected ({float(est.get('level', 0.9)):.0%} range "
-                f"{est['low']:.0f}-{est['high']:.0f}): the sum of the calibrated pick probabilities, "
-                f"against {summary.get('picks', '?')} picks kept at the threshold")
-    else:
-        text = (f"{est['expected']:.0f} particles expected: the sum of the pick probabilities, not calibrated "
-                "(under 60 answers), so no range")
+    text = (f"{est.expected:.0f} particles expected ({est.range_text}): the sum of the pick probabilities, "
+            f"against {summary.get('picks', '?')} picks kept at the threshold")
     return [create_results_display_object("text", title="Particles expected", display_data=text,
                                           associated_data=[str(Path(job_dir) / "summary.json")])]
 

@@ -288,12 +288,13 @@ class Job(Inputs, LabelImport, Report):
                                      "candidates.star")
         self._timed("write", t)
         n_picks = int(extract_keeps(written_fom(scores), thr).sum())
+        count = expected_count(scores, model)
         pos, neg = session.labels.counts()
         summary = {"mode": "predict", "round": rnd, "relion_version": self.major, "micrographs": len(names),
                    "labels": {"positive": pos, "negative": neg}, "threshold": float(thr),
                    "suggested_threshold": suggested.value, "picks": n_picks,
                    "candidates": int((scores >= floor).sum()),
-                   "expected_particles": expected_count(scores, model).to_dict(),
+                   "expected_particles": count.to_dict(),
                    "picks_file": plist, "candidates_file": clist,
                    "model": str(self.folder / "model.npz")}
         write_json(self.folder / "threshold.json",
@@ -316,6 +317,6 @@ class Job(Inputs, LabelImport, Report):
         self.log(f"suggested FOM threshold for Extract: {suggested.text} (Particle extraction on {clist} with "
                  f"'Minimum autopick FOM' {suggested.text} keeps exactly the picks autopick.star has at it; "
                  "RELION keeps FOM > threshold)")
-        self.log(f"expected particles: {expected_count(scores, model).text} (the sum of the calibrated pick "
+        self.log(f"expected particles: {count.text} (the sum of the calibrated pick "
                  "probabilities, and the range its calibration allows; compare it with the picks you keep)")
         return summary
