@@ -27,15 +27,16 @@ from pathlib import Path
 import numpy as np
 
 from cryoal_ext.atomic import write_json
-from cryoal_ext.benchmark import BenchmarkSettings, _evaluate, _threshold_summary, load_data, threshold_stats
-from cryoal_ext.calibration import CalibrationSettings, answers, held_out_scores, platt
+from cryoal_ext.benchmark import (BenchmarkSettings, _evaluate, _threshold_summary, load_data, run_one,
+                                  threshold_stats, training_splits)
+from cryoal_ext.calibration import CalibrationSettings, answer_folds, answers, audit_answers, pick_window, platt
 from cryoal_ext.extract import extract_picks
 from cryoal_ext.learner import ActiveLearner
 from cryoal_ext.recipes import get_recipe
-from cryoal_ext.strength_cv import FOLDS, REFIT_TOL, answers_loglik
+from cryoal_ext.strength_cv import answers_loglik
 
 sys.path.insert(0, str(Path(__file__).parent))
-from accuracy import DATASETS, every_split  # noqa: E402
+from accuracy import DATASETS  # noqa: E402
 
 
 def main() -> None:
@@ -60,7 +61,7 @@ def main() -> None:
         d1, d2 = load_data(s1, progress=lambda *_: None), load_data(s2, progress=lambda *_: None)
         runs = []
 
-        def second(learner, evals, budget, labels, seed):
+        def second(learner, evals, budget, labels, seed, audits):
             other = ActiveLearner([d2["items"][n] for n in learner.items], s2.radius_px, recipe, a.second, seed=seed)
             other.fit(labels)
             ev = _evaluate([other.picks(d2["items"][n].mic, d2["items"][n].fmap) for n in evals],
@@ -80,20 +81,19 @@ def main() -> None:
             ev_mean = evaluate_mean()
             ev_base = _evaluate(base, d1["truth"], s1, d1["shapes"])
             thr = {"raw": threshold_stats(ev_mean)}
-            # each model's held-out answers, refitted once: scored for the choice, and (from the calibration's
-            # gate on) the package's Platt map on their mean; same folds, tolerance and strength as both
-            real = answers(learner, labels)
-            z1, _ = held_out_scores(learner, real, FOLDS, learner.model, REFIT_TOL, strength=1.0)
-            z2, _ = held_out_scores(other, real, FOLDS, other.model, REFIT_TOL, strength=1.0)
-            if len(real) >= CalibrationSettings().min_answers:
-                cal = platt(0.5 * (z1 + z2), np.array([l.label for l in real], dtype=np.float64))
-                thr["calibrated"] = {**threshold_stats(evaluate_mean(cal.a, cal.b)), "a": round(cal.a, 4),
-                                     "b": round(cal.b, 4)}
+            held = held_out_pair(learner, other, labels, audits)
+            if held is not None:
+                z1, z2, zm, real, audited = held
+                cal = audited_map(zm, np.array([l.label for l in real], dtype=np.float64), audited)
+                thr["calibrated"] = {**threshold_stats(evaluate_mean(cal.a, cal.b), cal=cal), "a": round(cal.a, 4),
+                                     "b": round(cal.b, 4), "audits": int(audited.sum())}
+                ll = {"ll_first": round(answers_loglik(z1, real), 4), "ll_second": round(answers_loglik(z2, real), 4)}
+            else:
+                ll = {"ll_first": 0.0, "ll_second": 0.0}
             return {"ap_second": round(ev.ap, 4), "ap_mean": round(ev_mean.ap, 4), "threshold_mean": thr,
-                    "ap_pretrained_mean": round(ev_base.ap, 4),
-                    "ll_first": round(answers_loglik(z1, real), 4), "ll_second": round(answers_loglik(z2, real), 4)}
+                    "ap_pretrained_mean": round(ev_base.ap, 4), **ll}
 
-        for si, seed, r in every_split(s1, recipe, [int(x) for x in a.seeds.split(",")], d1, extra=second):
+        for si, seed, r in every_split_with_audits(s1, recipe, [int(x) for x in a.seeds.split(",")], d1, second):
             runs.append(r)
             row = " ".join(f"{x['labels']}: {x['ap']:.3f}/{x['extra']['ap_second']:.3f}/{x['extra']['ap_mean']:.3f} "
                            f"{'2nd' if x['extra']['ll_second'] > x['extra']['ll_first'] else '1st'}"
@@ -103,6 +103,57 @@ def main() -> None:
         write_json(Path(__file__).parent / "results" / f"backbone_choice_{a.tag}.json", out)
         for b, c in out["results"][ds]["summary"].items():
             print(f"{ds} @{b}: " + " | ".join(f"{k} {v}" for k, v in c.items()), flush=True)
+
+
+def every_split_with_audits(s: BenchmarkSettings, recipe, seeds, data, extra):
+    """``accuracy.every_split``, with the audits asked by each budget passed to ``extra`` too."""
+    for si, train in enumerate(training_splits(sorted(data["items"]), s)):
+        for seed in seeds:
+            labels_at: dict = {}
+            audits_at: dict = {}
+
+            def hook(learner, evals, budget, seed=seed):
+                return extra(learner, evals, budget, labels_at[budget], seed, audits_at[budget])
+
+            r = run_one(s, recipe, seed, data, progress=lambda *_: None, train=train, extra=hook,
+                        labels_at=labels_at, audits_at=audits_at)
+            r["split"] = si
+            yield si, seed, r
+
+
+def held_out_pair(learner, other, labels, audits, s: CalibrationSettings = CalibrationSettings()):
+    """The package's held-out scoring (``calibration.training_audit_map``) for two models on the same answers.
+
+    Each fold's answers are scored by both models refitted without them, an audit's answer at the
+    audited pick (``pick_window``): per model its highest logit there, and for the mean of the two
+    logits the highest mean.  ``None`` below the calibration's gate.
+    """
+    real = answers(learner, labels)
+    if len(real) < s.min_answers:
+        return None
+    pick = {id(l): pick_window(learner, p) for l, p in audit_answers(learner, labels, audits)}
+    at = [pick.get(id(l), [(l.micrograph, l.x, l.y)]) for l in real]
+    fold = answer_folds(real, s.folds)
+    z = np.empty((3, len(real)))
+    for f in np.unique(fold):
+        out = np.flatnonzero(fold == f)
+        kept = [l for l, g in zip(real, fold) if g != f]
+        m1 = learner.fit_model(kept, learner.model, newton_tol=s.refit_tol)
+        m2 = other.fit_model(kept, other.model, newton_tol=s.refit_tol)
+        spots = [p for i in out for p in at[i]]
+        v1, v2 = m1.decision_function(learner.rows(spots)), m2.decision_function(other.rows(spots))
+        ends = np.cumsum([len(at[i]) for i in out])[:-1]
+        for row, v in enumerate((v1, v2, 0.5 * (v1 + v2))):
+            z[row, out] = [seg.max() for seg in np.split(v, ends)]
+    return z[0], z[1], z[2], real, np.array([id(l) in pick for l in real])
+
+
+def audited_map(z: np.ndarray, y: np.ndarray, audited: np.ndarray, s: CalibrationSettings = CalibrationSettings()):
+    """The package's map from held-out scores: the uncertain answers give the centre, the audits move it."""
+    centre = platt(z[~audited], y[~audited], s)
+    if audited.sum() < s.min_audits:
+        return centre
+    return platt(z[audited], y[audited], s, centre=(centre.a, centre.b), min_n=s.min_audits)
 
 
 def summary(runs: list[dict]) -> dict:

@@ -134,10 +134,12 @@ def training_splits(names: list[str], s: BenchmarkSettings) -> list[list[str] | 
 
 
 def run_one(s: BenchmarkSettings, recipe: Recipe, seed: int, data, progress=print, picks_out: str | None = None,
-            train: list[str] | None = None, extra=None, labels_at: dict | None = None) -> dict:
+            train: list[str] | None = None, extra=None, labels_at: dict | None = None,
+            audits_at: dict | None = None) -> dict:
     """One seed of one recipe (on ``train``, or micrographs the seed draws): the JSON record of the issue's format.
 
-    ``labels_at``: filled with the answers collected by each budget (for peers trained on the same labels).
+    ``labels_at``: filled with the answers collected by each budget (for peers trained on the same labels);
+    ``audits_at``: with the audit proposals asked by then (for peers calibrated on the same audits).
     ``extra(learner, evals, budget)``: called at each budget with the fitted (calibrated) learner and
     the evaluation micrographs; a dict it returns is kept as that budget's ``extra`` (e.g. the same
     model scored on other features: benchmarks/view_count.py).
@@ -187,6 +189,8 @@ def run_one(s: BenchmarkSettings, recipe: Recipe, seed: int, data, progress=prin
             rnd += 1
         if labels_at is not None:
             labels_at[budget] = list(labels)
+        if audits_at is not None:
+            audits_at[budget] = list(audits)
         picks = [learner.picks(items_all[n].mic, items_all[n].fmap) for n in evals]
         ev = _evaluate(picks, truth, s, shapes)
         rec_b = {"raw": threshold_stats(ev)}
