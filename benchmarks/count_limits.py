@@ -12,10 +12,14 @@ evaluated picks with the result; 20 draws per split.  The audits are not trained
    intercept only, with prior sd 1 / 0.5 / none).
 3. ``--what ranges``: the expected count's range (``calibration.count_estimate``, the delta
    method on the map's Laplace covariance): how often it holds the expert count.
+4. ``--what thresholds``: the suggested threshold (the expected F1's maximum under the fitted
+   map) against the maximum of the expected F1 averaged over the map's Laplace posterior (200
+   samples of ``(a, b)``): does weighing the map's uncertainty lose less F1?
 
     python benchmarks/count_limits.py --what needed
     python benchmarks/count_limits.py --what estimators
     python benchmarks/count_limits.py --what ranges
+    python benchmarks/count_limits.py --what thresholds
 """
 from __future__ import annotations
 
@@ -78,13 +82,44 @@ def range_row(tag: str, m: int, level: float, n_draws: int) -> str:
     return (f"| {tag} | {m} | {level:.0%} | {np.mean(inside):.0%} | {below} / {above} | {np.mean(width):.2f} |")
 
 
+def posterior_f1_lost(z: np.ndarray, hit: np.ndarray, n_true: int, cal: Calibration, samples: int = 200,
+                      seed: int = 0) -> float:
+    """F1 lost at the rank that maximises the expected F1 averaged over the map's Laplace posterior."""
+    order = np.argsort(-z)
+    zs, hs = z[order], hit[order].astype(float)
+    va, cab, vb = cal.cov
+    ab = np.random.default_rng(seed).multivariate_normal([cal.a, cal.b], [[va, cab], [cab, vb]], size=samples)
+    p = sigmoid(ab[:, :1] * zs[None, :] + ab[:, 1:])
+    k = np.arange(1, zs.size + 1)
+    ef1 = (2 * np.cumsum(p, axis=1) / (k[None, :] + p.sum(axis=1, keepdims=True))).mean(axis=0)
+    f1 = 2 * np.cumsum(hs) / (k + n_true)
+    return float(f1.max() - f1[int(np.argmax(ef1))])
+
+
+def threshold_row(tag: str, m: int, n_draws: int) -> str:
+    plug, post = [], []
+    for ze, ye, ne, z, y, centre in draws(tag, m, n_draws):
+        cal = fit("platt1", z, y, centre)
+        plug.append(f1_lost(cal.prob(ze), ye, ne))
+        post.append(posterior_f1_lost(ze, ye, ne, cal))
+    cells = [f"{g.mean():.3f} ({g.max():.3f}; {np.mean(g <= 0.02):.0%})" for g in (np.array(plug), np.array(post))]
+    return f"| {tag} | {m} | {cells[0]} | {cells[1]} |"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--what", choices=("needed", "estimators", "ranges"), default="needed")
+    ap.add_argument("--what", choices=("needed", "estimators", "ranges", "thresholds"), default="needed")
     ap.add_argument("--tags", default="10028,10017")
     ap.add_argument("--draws", type=int, default=20)
     a = ap.parse_args()
     tags = a.tags.split(",")
+    if a.what == "thresholds":
+        print("| dump | audits | F1 lost, suggested threshold: mean (worst; within 0.02) | F1 lost, posterior-averaged |")
+        print("|---|---|---|---|")
+        for tag in tags:
+            for m in (15, 30, 120):
+                print(threshold_row(tag, m, a.draws))
+        return
     if a.what == "ranges":
         print("| dump | audits | range | expert count inside | below / above it | width / expert count |")
         print("|---|---|---|---|---|---|")
