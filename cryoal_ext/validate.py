@@ -84,6 +84,16 @@ def positive_int(text: str) -> int:
     return v
 
 
+def nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return v
+
+
 # --- pixel sizes ---------------------------------------------------------------------------------
 def check_pixel_size(value: float | None, where: str, fix: str = "give it with --pixel-size") -> float:
     """``value`` (A/px) from ``where`` (a file's header, a STAR or .cs field): refuse missing, negative, absurd."""

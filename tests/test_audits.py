@@ -343,3 +343,64 @@ def test_labelling_round_of_the_default_keeps_its_training_audits_and_calibrates
     # the last round's model was calibrated on the audits answered before it (its own are not answered yet)
     cal = of(BLR.load(session.model_path))
     assert res.n_labels >= 60 and 5 <= cal.audits <= answered and cal.a > 0
+
+
+def test_audits_per_batch_is_one_setting_every_front_end_takes_and_checks(tmp_path, example_data, capsys):
+    """`--audits N` (RELION job, cryoSPARC job, `cryoal round`, pipeliner option, napari 'checks'): the same
+    recipe everywhere (recipes.recipe_for), refused up front when it leaves no uncertain question."""
+    import argparse
+
+    from cryoal_ext.cli import main
+    from cryoal_ext.cryosparc.cli import add_arguments as cs_arguments
+    from cryoal_ext.cryosparc.cli import settings_from_args as cs_settings
+    from cryoal_ext.napari.controller import LabellingController
+    from cryoal_ext.recipes import recipe_for
+    from cryoal_ext.relion.settings import add_arguments, settings_from_args
+    from cryoal_ext.relion.star import RelionError
+
+    assert recipe_for("default") == get_recipe("default") and recipe_for("head") == get_recipe("head")
+    more = recipe_for("default", 6, 10)
+    assert more.audits == 6 and more.audits_training and more.with_(audits=3) == get_recipe("default")
+    assert recipe_for("head", 2, 10).audits_training and recipe_for("default", 0, 10).audits == 0
+    for name, n, batch, why in (("default", 10, 10, r"--audits 10: from 0 to the batch less one \(9\)"),
+                                ("default", -1, 10, "--audits -1"), ("audited", 2, 10, "sets its own audits")):
+        with pytest.raises(ValueError, match=why):
+            recipe_for(name, n, batch)
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    job = tmp_path / "External" / "job001"
+    assert settings_from_args(p.parse_args(["--o", str(job), "--audits", "5"])).audits == 5
+    assert settings_from_args(p.parse_args(["--o", str(job)])).audits is None
+    with pytest.raises(RelionError, match="--audits 12: from 0 to the batch less one"):
+        settings_from_args(p.parse_args(["--o", str(job), "--audits", "12"]))
+
+    p = argparse.ArgumentParser()
+    cs_arguments(p)
+    base = ["--exposures", "x.cs", "--session", str(tmp_path / "cs"), "--radius-px", "28", "--batch", "8"]
+    assert cs_settings(p.parse_args(base + ["--audits", "4"])).engine_recipe().audits == 4
+    with pytest.raises(ValueError, match="--audits 8"):
+        cs_settings(p.parse_args(base + ["--audits", "8"]))
+
+    assert LabellingController(audits=4).engine_recipe().audits == 4
+    with pytest.raises(ValueError, match="--audits 10"):
+        LabellingController(batch=10, audits=10)
+
+    sess = tmp_path / "round"
+    rc = main(["round", str(example_data / "micrographs"), "--session", str(sess), "--radius-px", "28",
+               "--batch", "4", "--audits", "4"])
+    assert rc == 1 and "--audits 4: from 0 to the batch less one (3)" in capsys.readouterr().err
+    assert not sess.exists() and not (tmp_path / "External").exists() and not (tmp_path / "cs").exists()
+
+
+def test_pipeliner_passes_the_audits_on_only_when_given():
+    pytest.importorskip("pipeliner")
+    from cryoal_ext.pipeliner.options import relion_job_arguments
+    from pipeliner.job_factory import new_job_of_type
+
+    job = new_job_of_type("cryoal.autopick.active_learning")
+    job.joboptions["diameter"].value = "300"
+    assert "--audits" not in relion_job_arguments(job.joboptions, "AutoPick/job007/")
+    job.joboptions["audits"].value = "6"
+    args = relion_job_arguments(job.joboptions, "AutoPick/job007/")
+    assert args[args.index("--audits") + 1] == "6"

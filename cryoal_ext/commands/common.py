@@ -5,7 +5,7 @@ import argparse
 import os
 
 from ..features import DEFAULT_FEATURE_MODEL, FEATURE_MODELS
-from ..validate import pixel_size, positive_int, positive_number
+from ..validate import nonnegative_int, pixel_size, positive_int, positive_number
 
 
 def default_cache() -> str:
@@ -30,6 +30,14 @@ def add_size_arguments(p: argparse.ArgumentParser) -> None:
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--radius-px", type=positive_number, help="particle radius in micrograph pixels")
     size.add_argument("--diameter-A", type=positive_number, help="particle diameter in Angstrom")
+
+
+AUDITS_HELP = ("questions of each batch about the model's own picks, from 50 answers on (default: the recipe's, "
+               "3 for default; 0: none): more give a surer particle count and threshold, for fewer uncertain questions")
+
+
+def add_audits_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--audits", type=nonnegative_int, default=None, help=AUDITS_HELP)
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:

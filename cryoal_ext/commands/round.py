@@ -10,13 +10,13 @@ from ..extract import Picks
 from ..files import by_micrograph, read_coordinates, write_topaz
 from ..io import file_digest
 from ..labels import Label
-from ..recipes import get_recipe
+from ..recipes import recipe_for
 from ..review import Answer, Edited, apply_answers
 from ..session import Session
 from ..validate import positive_int
 from ..workflow import (EngineSettings, MicrographSpec, audit_micrographs, choose_audit, choose_training, featurise,
                         labelling_round, predict)
-from .common import add_engine_arguments, add_size_arguments, apply_threads, check_inputs
+from .common import add_audits_argument, add_engine_arguments, add_size_arguments, apply_threads, check_inputs
 from .features import expand
 
 
@@ -31,6 +31,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=positive_int, default=10)
     p.add_argument("--train-micrographs", type=positive_int, default=2)
     p.add_argument("--recipe", default="default")
+    add_audits_argument(p)
     p.add_argument("--seed", type=int, default=0)
     add_engine_arguments(p)
 
@@ -98,7 +99,7 @@ def main(args) -> int:
         if unknown:
             raise ValueError(f"labels name micrograph(s) not among the inputs: {', '.join(sorted(unknown)[:5])}")
         answers = [a for a in answers if a.micrograph in specs]
-        recipe = get_recipe(args.recipe)
+        recipe = recipe_for(args.recipe, args.audits, args.batch)
         _check_audit_room(session, recipe, specs, answers, args)
         radius_all = (args.radius_px or s.radius_for(_pixel_size(specs, args))) if answers else 0.0
         outcome = apply_answers(session, answers, lambda m: radius_all, "reviewed")
@@ -144,7 +145,7 @@ def _check_round_inputs(args) -> None:
     files = expand(args.micrographs)
     check_inputs(args, files, {"session folder (--session)": args.session,
                                "feature cache folder (--cache-dir)": args.cache_dir})
-    recipe = get_recipe(args.recipe)
+    recipe = recipe_for(args.recipe, args.audits, args.batch)
     if recipe.audits_apart and len({f.stem for f in files}) <= args.train_micrographs:
         raise ValueError(f"--recipe {args.recipe}: its audits ask about a micrograph never trained on, so it needs "
                          f"more micrographs than --train-micrographs {args.train_micrographs} (got {len(files)})")

@@ -22,7 +22,7 @@ from .live import CONFIG_ENV, DEFAULT_CONFIG, LiveSpec, connect, connection_sett
 
 # --- command line -------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..commands.common import add_engine_arguments, add_size_arguments
+    from ..commands.common import add_audits_argument, add_engine_arguments, add_size_arguments
     from ..validate import positive_int, probability
 
     src = p.add_mutually_exclusive_group(required=True)
@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-micrographs", type=positive_int, default=2,
                    help="micrographs queried per round (default %(default)s)")
     p.add_argument("--recipe", default="default")
+    add_audits_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true", help="skip overlays and histograms")
 
@@ -81,13 +82,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args) -> RoundSettings:
-    from ..recipes import offered_in
+    from ..recipes import offered_in, recipe_for
 
-    offered_in(args.recipe, "the cryoSPARC job")
+    recipe_for(offered_in(args.recipe, "the cryoSPARC job"), args.audits, args.batch)
     return RoundSettings(radius_px=args.radius_px, diameter_A=args.diameter_A, feature_model=args.feature_model,
                          working_pixel_size=args.working_pixel_size, cache_dir=args.cache_dir, device=args.device,
                          pixel_size=args.pixel_size, batch=args.batch, train_micrographs=args.train_micrographs,
-                         recipe=args.recipe, seed=args.seed, flip_y=args.flip_y,
+                         recipe=args.recipe, audits=args.audits, seed=args.seed, flip_y=args.flip_y,
                          threshold=args.threshold if args.threshold and args.threshold > 0 else None,
                          predict=args.predict, model=args.model, with_psize=args.with_psize, plots=not args.no_plots)
 

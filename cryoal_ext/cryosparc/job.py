@@ -16,7 +16,7 @@ from ..features import DEFAULT_FEATURE_MODEL
 from ..labels import Label
 from ..learner import ActiveLearner
 from ..model import BLR
-from ..recipes import get_recipe
+from ..recipes import Recipe, recipe_for
 from ..review import Answer, Edited, apply_answers
 from ..session import Session
 from ..workflow import EngineSettings, MicrographSpec, choose_training, expected_count, featurise, fit_calibrated, \
@@ -43,6 +43,7 @@ class RoundSettings:
     batch: int = 10
     train_micrographs: int = 2
     recipe: str = "default"
+    audits: int | None = None  # questions of each batch about the model's own picks (None: the recipe's)
     seed: int = 0
     flip_y: bool = False
     threshold: float | None = 0.01  # lowest probability written to `particles`
@@ -50,6 +51,9 @@ class RoundSettings:
     model: str | None = None
     with_psize: bool = False
     plots: bool = True
+
+    def engine_recipe(self) -> Recipe:
+        return recipe_for(self.recipe, self.audits, self.batch)
 
     def engine(self, feature_model: str | None = None) -> EngineSettings:
         return EngineSettings(radius_px=self.radius_px, diameter_A=self.diameter_A,
@@ -242,7 +246,7 @@ def _labelling(session: Session, specs, s: RoundSettings, reporter: Reporter, ad
     reporter.log(f"training micrographs: {', '.join(train)}")
     items = list(_featurise([by_name[n] for n in train], eng, reporter))
     radius = eng.radius_for(items[0].mic.frame.pixel_size)
-    res = labelling_round(session, items, get_recipe(s.recipe), radius, s.batch, s.feature_model, s.seed)
+    res = labelling_round(session, items, s.engine_recipe(), radius, s.batch, s.feature_model, s.seed)
     folder = session.folder / "cryosparc" / f"round_{rnd:03d}"
     rows = proposals_to_rows(res.proposals, specs)
     n_q = sum(len(r.x) for r in rows)
@@ -292,7 +296,7 @@ def _fit_for_prediction(session: Session, specs, s: RoundSettings, reporter: Rep
         raise ValueError("none of the labelled micrographs is among the exposures; cannot refit")
     items = list(_featurise([by_name[n] for n in train], s.engine(), reporter))
     radius = s.engine().radius_for(items[0].mic.frame.pixel_size)
-    learner = ActiveLearner(items, radius, get_recipe(s.recipe), s.feature_model, seed=s.seed)
+    learner = ActiveLearner(items, radius, s.engine_recipe(), s.feature_model, seed=s.seed)
     model = fit_calibrated(learner, labels, audits=session_audits(session))  # as a round fits: calibrated
     model.save(session.model_path, round=session.round, n_labels=len(labels))
     reporter.log(f"refitted on {len(labels)} labels from {len(train)} micrograph(s) in {learner.last_fit_s:.1f} s")

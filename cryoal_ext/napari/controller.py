@@ -26,7 +26,7 @@ from ..io import MICROGRAPH_SUFFIXES, list_micrographs, load_micrograph, microgr
 from ..labels import Label, LabelStore
 from ..learner import ActiveLearner, Item
 from ..model import BLR
-from ..recipes import Recipe, get_recipe, offered_in
+from ..recipes import Recipe, get_recipe, offered_in, with_audits
 from ..session import Session
 from ..calibration import CountEstimate, of
 from .exchange import FileExchange, stable_uid  # noqa: F401 (stable_uid: part of this module's API)
@@ -88,7 +88,7 @@ class LabellingController(FileExchange):
     """
 
     def __init__(self, settings: EngineSettings | None = None, recipe: str | Recipe = "default", batch: int = 10,
-                 seed: int = 0, session_dir: str | os.PathLike | None = None):
+                 seed: int = 0, session_dir: str | os.PathLike | None = None, audits: int | None = None):
         if settings is None:
             from ..commands.common import default_cache
 
@@ -96,6 +96,8 @@ class LabellingController(FileExchange):
         self.settings = settings
         self.recipe = recipe if isinstance(recipe, Recipe) else get_recipe(offered_in(recipe, "the napari plugin"))
         self.batch = int(batch)
+        self.audits = audits  # questions of each batch about the model's own picks (None: the recipe's)
+        self.engine_recipe()  # refuse a bad number now, not at the first retrain
         self.seed = int(seed)
         self.specs: dict[str, MicrographSpec] = {}
         self.source: str | None = None
@@ -111,7 +113,7 @@ class LabellingController(FileExchange):
         self.model: BLR | None = None
         self._loaded = False  # self.model came from load_model and no fit replaced it yet
         self._learner: ActiveLearner | None = None
-        self._learner_key: tuple[str, ...] = ()
+        self._learner_key: tuple = ()
         self.proposals: list[Proposal] = []
         self._audits: list[Proposal] = []  # every audit asked without a session (a session keeps its own)
         self.status: list[str | None] = []  # per proposal: None (pending), 'accepted', 'rejected', 'skipped'
@@ -372,13 +374,19 @@ class LabellingController(FileExchange):
         labelled = {l.micrograph for l in self.labels} & set(self.specs)
         return sorted(set(self.items) | labelled)
 
+    def engine_recipe(self) -> Recipe:
+        """The recipe with this viewer's audits per batch (``recipes.with_audits``)."""
+        return with_audits(self.recipe, self.audits, self.batch)
+
     def learner(self) -> ActiveLearner:
-        key = tuple(sorted(self.items))
-        if not key:
+        names = tuple(sorted(self.items))
+        if not names:
             raise ValueError("no micrograph featurised yet: open micrographs and show one first")
+        recipe = self.engine_recipe()
+        key = (names, recipe)
         if self._learner is None or self._learner_key != key:
-            items = [self.items[n] for n in key]
-            self._learner = ActiveLearner(items, self.radius_of(key[0]), self.recipe, self.settings.feature_model,
+            items = [self.items[n] for n in names]
+            self._learner = ActiveLearner(items, self.radius_of(names[0]), recipe, self.settings.feature_model,
                                           seed=self.seed)
             self._learner_key = key
         return self._learner

@@ -103,6 +103,14 @@ class LabellingWidget(QWidget):
         self.batch_spin = QSpinBox(minimum=1, maximum=500, value=self.ctl.batch)
         row.addWidget(QLabel("batch"))
         row.addWidget(self.batch_spin)
+        # -1 shows as "auto": the recipe's own number of audits (3 of 10 for the default)
+        self.audits_spin = QSpinBox(minimum=-1, maximum=499, value=-1 if self.ctl.audits is None else self.ctl.audits)
+        self.audits_spin.setSpecialValueText("auto")
+        self.audits_spin.setToolTip("checks: from 50 answers on, this many of each batch are the model's own picks, "
+                                    "to accept or reject as any other; they calibrate the probabilities and the "
+                                    "expected count (auto: the recipe's, 3 for default; more: a surer count)")
+        row.addWidget(QLabel("checks"))
+        row.addWidget(self.audits_spin)
         self.retrain_button = _button("Retrain → proposals", self.retrain,
                                       "fit the model on every label, then show the most uncertain spots")
         row.addWidget(self.retrain_button, 1)
@@ -519,10 +527,12 @@ class LabellingWidget(QWidget):
     def retrain(self) -> None:
         """Fit on every label and show new proposals (worker thread)."""
         self.ctl.batch = self.batch_spin.value()
+        self.ctl.audits = None if self.audits_spin.value() < 0 else self.audits_spin.value()
         try:
+            self.ctl.engine_recipe()
             self._apply_size()
         except ValueError as exc:
-            self._fail(exc)
+            self._fail(ValueError(str(exc).replace("--audits", "checks")))
             return
 
         def job():

@@ -42,6 +42,7 @@ FLAGS = {
     "train_micrographs": "--train_micrographs",
     "feature_model": "--feature_model",
     "recipe": "--recipe",
+    "audits": "--audits",
     "seed": "--seed",
     "do_predict": "--predict",
     "threshold": "--threshold",
@@ -214,6 +215,18 @@ def add_active_learning(job) -> None:
                   "'head': the default until issue 16, its weights held towards Topaz's head; "
                   "'evidence': 'head' with its prior's strength chosen each round by the answers' evidence.",
     )
+    jo["audits"] = IntJobOption(
+        label="Picks to check per round:",
+        default_value=None,
+        hard_min=0,
+        suggested_max=9,
+        step_value=1,
+        help_text=("From 50 answers on, this many of each round's proposals are the model's own picks, to keep"
+                   " or delete as any other; they calibrate the probabilities, the suggested threshold and the"
+                   " expected particle count. Blank: the recipe's (3 for 'default'); 0: none. More give a surer"
+                   " count, for fewer uncertain proposals. Less than 'Proposals per round'."),
+        in_continue=True,
+    )
     jo["seed"] = IntJobOption(
         label="Random seed:",
         default_value=0,
@@ -232,7 +245,8 @@ def add_active_learning(job) -> None:
     jo["threshold"] = threshold("A value here makes the run final.")
     add_common_running(job)
     job.set_joboption_order(["input_mics", "input_coords", "input_parts", "diameter", "batch",
-                             "train_micrographs", "do_predict", "threshold", "feature_model", "recipe", "seed"])
+                             "train_micrographs", "do_predict", "threshold", "feature_model", "recipe", "audits",
+                             "seed"])
 
 
 def add_predict(job) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..features import DEFAULT_FEATURE_MODEL, parse_feature_model
-from ..recipes import offered_in
+from ..recipes import offered_in, recipe_for
 from .star import RelionError, job_dir
 
 
@@ -41,6 +41,7 @@ class JobSettings:
     train_micrographs: int = 2
     max_train_micrographs: int = 12
     recipe: str = "default"
+    audits: int | None = None  # questions of each batch about the model's own picks (None: the recipe's)
     seed: int = 0
     labels: list[str] = field(default_factory=list)
     negatives: list[str] = field(default_factory=list)
@@ -85,6 +86,8 @@ _VALUE_OPTIONS = {
     "train_micrographs": (["--train_micrographs", "--train-micrographs"], "micrographs to learn on (default 2)"),
     "max_train_micrographs": (["--max_train_micrographs"], "cap when labels come from many micrographs (default 12)"),
     "recipe": (["--recipe"], "engine recipe: default, seed, head or evidence"),
+    "audits": (["--audits"], "questions of each batch about the model's own picks, from 50 answers on "
+                             "(default: the recipe's, 3 for default; 0: none); more give a surer count"),
     "seed": (["--seed"], "random seed (default 0)"),
     "relion_version": (["--relion_version"], "4 or 5 (default: from the input STAR's '# version' line)"),
     "feature_model": (["--feature_model", "--feature-model"], f"Topaz backbone, optionally +viewsN (default {DEFAULT_FEATURE_MODEL})"),
@@ -194,6 +197,11 @@ def settings_from_args(args) -> JobSettings:
         offered_in(s.recipe, "the RELION job")
     except ValueError as exc:
         raise RelionError(f"--recipe: {exc}") from None
+    s.audits = _number("audits", g("audits"), int)
+    try:
+        recipe_for(s.recipe, s.audits, s.batch)
+    except ValueError as exc:
+        raise RelionError(str(exc)) from None
     s.labels, s.negatives = _files(g("labels")), _files(g("negatives"))
     s.relion_version = _text(g("relion_version"))
     s.feature_model = _text(g("feature_model")) or s.feature_model
