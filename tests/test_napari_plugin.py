@@ -161,9 +161,18 @@ def test_widget_label_retrain_predict_export(widget, qtbot, tmp_path):
     w.lowpass_spin.setValue(60.0)
     assert img.data.std() < w.ctl.image("061_10028_crop").std()
 
+    # 'checks' (audits per batch): auto keeps the recipe's; a number that leaves no uncertain question is refused
+    assert w.audits_spin.value() == -1 and w.audits_spin.specialValueText() == "auto"
+    w.audits_spin.setValue(10)
+    w.retrain()
+    assert w.last_error and "checks 10: from 0 to the batch less one (9)" in w.last_error and not w.ctl.proposals
+    w.last_error = None
+    w.audits_spin.setValue(-1)
+
     # round 0: proposals from the pretrained score, the current one drawn larger
     w.retrain()
     wait(qtbot, w)
+    assert w.ctl.audits is None and w.ctl.engine_recipe().audits == 3
     props = shown(w.proposals_layer)
     assert len(props) == 10 and w.ctl.current.micrograph == w.current_name
     cur = w.ctl.current
