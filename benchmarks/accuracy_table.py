@@ -167,11 +167,12 @@ def audit_tables(tags: list[str]) -> None:
           "F1 lost: mean (worst; runs within 0.02) |")
     print("|---|---|---|---|---|")
     for ds, name, runs, b in budgets(tags):
-        aud = max(r["active"][b].get("audits", 0) for r in runs)
+        aud = max(r["active"][b].get("audits", 0) for r in runs)  # audits apart: on top of the labels
+        audited = aud or any(r["active"][b]["threshold"].get("calibrated", {}).get("audits") for r in runs)
         for kind, say in (("raw", "raw"), ("answers_only", "answers"), ("calibrated", "answers + audits")):
             st = [r["active"][b]["threshold"].get(kind) for r in runs]
             st = [s for s in st if s]
-            if not st or (kind == "calibrated" and not aud):
+            if not st or (kind == "calibrated" and not audited):
                 continue
             ratio = np.array([s["expected"] / s["n_true"] for s in st])
             gap = np.array([s["f1_best"] - s["f1"] for s in st])

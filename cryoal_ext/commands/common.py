@@ -32,8 +32,9 @@ def add_size_arguments(p: argparse.ArgumentParser) -> None:
     size.add_argument("--diameter-A", type=positive_number, help="particle diameter in Angstrom")
 
 
-AUDITS_HELP = ("questions of each batch about the model's own picks, from 50 answers on (default: the recipe's, "
-               "3 for default; 0: none): more give a surer particle count and threshold, for fewer uncertain questions")
+AUDITS_HELP = ("questions of each batch about the model's own picks, from 50 answers on; they calibrate the "
+               "probabilities and the particle count (default: the recipe's, 3 for default; 0: none; 6 was "
+               "measured and is no better: README 'More audits')")
 
 
 def add_audits_argument(p: argparse.ArgumentParser) -> None:

@@ -108,7 +108,7 @@ class LabellingWidget(QWidget):
         self.audits_spin.setSpecialValueText("auto")
         self.audits_spin.setToolTip("checks: from 50 answers on, this many of each batch are the model's own picks, "
                                     "to accept or reject as any other; they calibrate the probabilities and the "
-                                    "expected count (auto: the recipe's, 3 for default; more: a surer count)")
+                                    "expected count (auto: the recipe's, 3 for default; 0: none; 6 was measured no better)")
         row.addWidget(QLabel("checks"))
         row.addWidget(self.audits_spin)
         self.retrain_button = _button("Retrain → proposals", self.retrain,

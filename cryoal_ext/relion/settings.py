@@ -87,7 +87,7 @@ _VALUE_OPTIONS = {
     "max_train_micrographs": (["--max_train_micrographs"], "cap when labels come from many micrographs (default 12)"),
     "recipe": (["--recipe"], "engine recipe: default, seed, head or evidence"),
     "audits": (["--audits"], "questions of each batch about the model's own picks, from 50 answers on "
-                             "(default: the recipe's, 3 for default; 0: none); more give a surer count"),
+                             "(default: the recipe's, 3 for default; 0: none; 6 measured no better)"),
     "seed": (["--seed"], "random seed (default 0)"),
     "relion_version": (["--relion_version"], "4 or 5 (default: from the input STAR's '# version' line)"),
     "feature_model": (["--feature_model", "--feature-model"], f"Topaz backbone, optionally +viewsN (default {DEFAULT_FEATURE_MODEL})"),
