@@ -9,7 +9,7 @@ evaluated picks with the result; 20 draws per split.  The audits are not trained
 1. ``--what needed``: the package's map (Platt, prior sd 1 centred on the answers' map) for
    m = 15 (what the default has at 100 labels) up to 1000: how many audits the 15% goal needs.
 2. ``--what estimators``: other ways to use the same audits (a tighter prior; moving the
-   intercept only, with prior sd 1 / 0.5 / none).
+   intercept only, with prior sd 1 / 0.5 / none; a ceiling on the answers' map, ``fit_ceiling``).
 3. ``--what ranges``: the expected count's range (``calibration.count_estimate``, the delta
    method on the map's Laplace covariance): how often it holds the expert count.
 4. ``--what thresholds``: the suggested threshold (the expected F1's maximum under the fitted
@@ -24,8 +24,10 @@ evaluated picks with the result; 20 draws per split.  The audits are not trained
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+
 import numpy as np
-from scipy.optimize import brentq
+from scipy.optimize import brentq, minimize_scalar
 
 from cryoal_ext.calibration import Calibration, CalibrationSettings, count_estimate, platt
 from cryoal_ext.extract import sigmoid
@@ -45,8 +47,39 @@ def draws(tag: str, m: int, n_draws: int):
             yield ze, ye, ne, zt[i], yt[i].astype(float), (a, b)
 
 
-def fit(how: str, z: np.ndarray, y: np.ndarray, centre: tuple[float, float]) -> Calibration:
-    """The map from the audits: ``platt<sd>`` (both parameters) or ``shift<sd>`` (the intercept only)."""
+@dataclass(frozen=True)
+class Ceiling:
+    """``P(y=1) = c * sigmoid(a z + b)``: the answers' map, capped at the precision the audits find among the picks."""
+
+    a: float
+    b: float
+    c: float
+
+    def prob(self, z):
+        return self.c * sigmoid(self.a * np.asarray(z, dtype=np.float64) + self.b)
+
+
+def fit_ceiling(z: np.ndarray, y: np.ndarray, centre: tuple[float, float], k: float) -> Ceiling:
+    """The centre map kept, its ceiling ``c`` from the audits (MAP, as if ``k`` more audits agreed with c = 1).
+
+    Why: an audit is a confident pick (held-out logits 2-4); when some of those are not particles, an
+    affine map can only say so by flattening, which raises every low pick's probability with them.
+    """
+    a, b = centre
+    q = sigmoid(a * z + b)
+
+    def loss(c):
+        p = np.clip(c * q, 1e-9, 1 - 1e-9)
+        return -(np.sum(y * np.log(p) + (1 - y) * np.log(1 - p)) + k * np.log(c))
+
+    return Ceiling(a, b, float(minimize_scalar(loss, bounds=(0.05, 1.0), method="bounded").x))
+
+
+def fit(how: str, z: np.ndarray, y: np.ndarray, centre: tuple[float, float]) -> Calibration | Ceiling:
+    """The map from the audits: ``platt<sd>`` (both parameters), ``shift<sd>`` (the intercept only) or
+    ``ceiling<k>`` (the centre map times the picks' precision, ``fit_ceiling``)."""
+    if how.startswith("ceiling"):
+        return fit_ceiling(z, y, centre, float(how[7:]))
     sd = float(how[5:])
     if how.startswith("platt"):
         return platt(z, y, CalibrationSettings(prior_sd=sd), centre=centre, min_n=1)
@@ -136,7 +169,7 @@ def main() -> None:
                 print(count_row(tag, m, "platt1", a.draws))
         else:
             for m in (15, 30):
-                for how in ("platt1", "platt0.5", "shift1", "shift0.5", "shift100"):
+                for how in ("platt1", "platt0.5", "shift1", "shift0.5", "shift100", "ceiling0", "ceiling2"):
                     print(count_row(tag, m, how, a.draws))
 
 
