@@ -108,3 +108,50 @@ def test_count_limits_rows_from_the_committed_dump():
     assert count_limits.count_row("10028", 15, "platt1", 1).startswith("| 10028 | 15 | platt1 | ")
     assert count_limits.count_row("10028", 15, "shift1", 1).count("|") == 7
     assert count_limits.range_row("10028", 15, 0.9, 1).startswith("| 10028 | 15 | 90% | ")
+
+
+def test_count_limits_ceiling_is_the_precision_the_audits_find_at_the_top():
+    rng = np.random.default_rng(0)
+    z = rng.uniform(2.0, 4.0, 400)  # confident picks: the answers' map says ~0.98-1.0 there
+    y = (rng.random(400) < 0.7).astype(float)
+    cap = count_limits.fit_ceiling(z, y, (1.5, 0.0), k=0)
+    assert cap.c == pytest.approx(0.7, abs=0.05) and (cap.a, cap.b) == (1.5, 0.0)
+    assert cap.prob(np.array([10.0]))[0] == pytest.approx(cap.c, abs=1e-6)
+    assert count_limits.fit_ceiling(z[:10], np.ones(10), (1.5, 0.0), k=2).c > 0.99  # all confirmed: no cap
+
+
+def test_count_limits_threshold_rows_from_the_committed_dump():
+    row = count_limits.threshold_row("10028", 15, 1)
+    assert row.startswith("| 10028 | 15 | ") and row.count("|") == 5
+
+
+def test_audit_table_shows_the_calibration_of_audits_of_the_training_micrographs(tmp_path, monkeypatch, capsys):
+    """audits_on='training' records its audits in the calibrated threshold only (no audit micrograph)."""
+    runs = [_run(0, 0, (0.6, 0.7))]
+    runs[0]["active"][1]["threshold"]["calibrated"] = {"expected": 11.0, "n_true": 10, "f1": 0.85, "f1_best": 0.9,
+                                                       "audits": 6}
+    doc = {"command": "x", "results": {"10028": {"default": {"feature_model": "resnet16_u32", "runs": runs}}}}
+    (tmp_path / "accuracy_t.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(accuracy_table, "RESULTS", tmp_path)
+    accuracy_table.audit_tables(["t"])
+    rows = [l for l in capsys.readouterr().out.splitlines() if "| 100 (" in l]
+    assert [r.split(" | ")[2] for r in rows] == ["raw", "answers + audits"]
+    assert "1.100 (1.100; 1/1)" in rows[1]
+
+
+def test_backbone_choice_maps_the_mean_of_logits_as_the_package_does():
+    """The uncertain answers give the centre, the audits move it (calibration.training_audit_map's rule)."""
+    import backbone_choice
+    from cryoal_ext.calibration import CalibrationSettings, platt
+
+    rng = np.random.default_rng(1)
+    z = np.r_[rng.normal(0.0, 1.5, 80), rng.uniform(2.0, 4.0, 12)]
+    y = np.r_[(rng.random(80) < 1 / (1 + np.exp(-z[:80]))), rng.random(12) < 0.6].astype(float)
+    audited = np.r_[np.zeros(80, bool), np.ones(12, bool)]
+    centre = platt(z[:80], y[:80])
+    moved = backbone_choice.audited_map(z, y, audited)
+    assert (moved.a, moved.b) != (centre.a, centre.b) and moved.a > 0
+    three = audited & (np.arange(92) < 83)  # below the gate: the answers' own map, the rest counted as answers
+    few = backbone_choice.audited_map(z, y, three, CalibrationSettings(min_audits=5))
+    plain = platt(z[~three], y[~three])
+    assert (few.a, few.b) == (plain.a, plain.b)
