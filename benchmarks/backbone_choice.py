@@ -29,7 +29,8 @@ import numpy as np
 from cryoal_ext.atomic import write_json
 from cryoal_ext.benchmark import (BenchmarkSettings, _evaluate, _threshold_summary, load_data, run_one,
                                   threshold_stats, training_splits)
-from cryoal_ext.calibration import CalibrationSettings, answer_folds, answers, audit_answers, pick_window, platt
+from cryoal_ext.calibration import (CalibrationSettings, answers, audit_answers, audited_platt, held_out_values,
+                                   pick_window)
 from cryoal_ext.extract import extract_picks
 from cryoal_ext.learner import ActiveLearner
 from cryoal_ext.recipes import get_recipe
@@ -84,7 +85,7 @@ def main() -> None:
             held = held_out_pair(learner, other, labels, audits)
             if held is not None:
                 z1, z2, zm, real, audited = held
-                cal = audited_map(zm, np.array([l.label for l in real], dtype=np.float64), audited)
+                cal = audited_platt(zm, np.array([l.label for l in real], dtype=np.float64), audited)
                 thr["calibrated"] = {**threshold_stats(evaluate_mean(cal.a, cal.b), cal=cal), "a": round(cal.a, 4),
                                      "b": round(cal.b, 4), "audits": int(audited.sum())}
                 ll = {"ll_first": round(answers_loglik(z1, real), 4), "ll_second": round(answers_loglik(z2, real), 4)}
@@ -133,27 +134,11 @@ def held_out_pair(learner, other, labels, audits, s: CalibrationSettings = Calib
         return None
     pick = {id(l): pick_window(learner, p) for l, p in audit_answers(learner, labels, audits)}
     at = [pick.get(id(l), [(l.micrograph, l.x, l.y)]) for l in real]
-    fold = answer_folds(real, s.folds)
-    z = np.empty((3, len(real)))
-    for f in np.unique(fold):
-        out = np.flatnonzero(fold == f)
-        kept = [l for l, g in zip(real, fold) if g != f]
-        m1 = learner.fit_model(kept, learner.model, newton_tol=s.refit_tol)
-        m2 = other.fit_model(kept, other.model, newton_tol=s.refit_tol)
-        spots = [p for i in out for p in at[i]]
-        v1, v2 = m1.decision_function(learner.rows(spots)), m2.decision_function(other.rows(spots))
-        ends = np.cumsum([len(at[i]) for i in out])[:-1]
-        for row, v in enumerate((v1, v2, 0.5 * (v1 + v2))):
-            z[row, out] = [seg.max() for seg in np.split(v, ends)]
-    return z[0], z[1], z[2], real, np.array([id(l) in pick for l in real])
-
-
-def audited_map(z: np.ndarray, y: np.ndarray, audited: np.ndarray, s: CalibrationSettings = CalibrationSettings()):
-    """The package's map from held-out scores: the uncertain answers give the centre, the audits move it."""
-    centre = platt(z[~audited], y[~audited], s)
-    if audited.sum() < s.min_audits:
-        return centre
-    return platt(z[audited], y[audited], s, centre=(centre.a, centre.b), min_n=s.min_audits)
+    v1, _ = held_out_values(learner, real, s.folds, learner.model, s.refit_tol, at=at)
+    v2, _ = held_out_values(other, real, s.folds, other.model, s.refit_tol, at=at)
+    z1, z2 = np.array([v.max() for v in v1]), np.array([v.max() for v in v2])
+    zm = np.array([(0.5 * (a + b)).max() for a, b in zip(v1, v2)])
+    return z1, z2, zm, real, np.array([id(l) in pick for l in real])
 
 
 def summary(runs: list[dict]) -> dict:

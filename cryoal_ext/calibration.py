@@ -192,17 +192,29 @@ def held_out_scores(learner: "ActiveLearner", real: list["Label"], folds: int, w
     answer's own spot; an audit's answer: around the audited pick, ``pick_window``).
     Pseudo-labels are kept in every fit (``learner.fit_model`` adds them); only the answers are held out.
     """
+    values, fold = held_out_values(learner, real, folds, warm, tol, strength, at)
+    return np.array([v.max() for v in values]), fold
+
+
+def held_out_values(learner: "ActiveLearner", real: list["Label"], folds: int, warm: "BLR | None", tol: float,
+                    strength: float | None = None, at: list[list[tuple[str, float, float]]] | None = None
+                    ) -> tuple[list[np.ndarray], np.ndarray]:
+    """``held_out_scores`` before the maximum: each answer's held-out logits at every one of its spots.
+
+    Why apart: two models scored on the same answers and folds can be combined spot by spot before
+    the maximum is taken (benchmarks/backbone_choice.py, the mean of two backbones' logits).
+    """
     fold = answer_folds(real, folds)
     at = at if at is not None else [[(l.micrograph, l.x, l.y)] for l in real]
-    z = np.empty(len(real))
+    values: list[np.ndarray] = [np.empty(0)] * len(real)
     for f in np.unique(fold):
         out = np.flatnonzero(fold == f)
         model = learner.fit_model([l for l, g in zip(real, fold) if g != f], warm, newton_tol=tol, strength=strength)
         spots = [p for i in out for p in at[i]]
         v = model.decision_function(learner.rows(spots))
-        ends = np.cumsum([len(at[i]) for i in out])
-        z[out] = [seg.max() for seg in np.split(v, ends[:-1])]
-    return z, fold
+        for i, seg in zip(out, np.split(v, np.cumsum([len(at[i]) for i in out])[:-1])):
+            values[i] = seg
+    return values, fold
 
 
 def pick_window(learner: "ActiveLearner", audit: "Proposal", fraction: float = 0.5) -> list[tuple[str, float, float]]:
@@ -280,12 +292,21 @@ def training_audit_map(learner: "ActiveLearner", labels: list["Label"], audits=(
                               at=[pick.get(id(l), [(l.micrograph, l.x, l.y)]) for l in real])
     y = np.array([l.label for l in real], dtype=np.float64)
     audited = np.array([id(l) in pick for l in real])
+    m = audited_platt(z, y, audited, s)
+    used = int(audited.sum()) if audited.sum() >= s.min_audits else 0
+    return Calibration(m.a, m.b, n, npos, int(np.unique(fold).size), audits=used, cov=m.cov)
+
+
+def audited_platt(z: np.ndarray, y: np.ndarray, audited: np.ndarray,
+                  s: CalibrationSettings = CalibrationSettings()) -> Calibration:
+    """The map from held-out logits: the uncertain answers give the prior centre, the audits (``audited``) move it.
+
+    Below ``s.min_audits`` audits the centre alone.  Only ``a``, ``b`` and ``cov`` are set.
+    """
     centre = platt(z[~audited], y[~audited], s)
-    k = int(np.unique(fold).size)
     if audited.sum() < s.min_audits:
-        return Calibration(centre.a, centre.b, n, npos, k, cov=centre.cov)
-    ref = platt(z[audited], y[audited], s, centre=(centre.a, centre.b), min_n=s.min_audits)
-    return Calibration(ref.a, ref.b, n, npos, k, audits=int(audited.sum()), cov=ref.cov)
+        return centre
+    return platt(z[audited], y[audited], s, centre=(centre.a, centre.b), min_n=s.min_audits)
 
 
 def refine_on_audits(learner: "ActiveLearner", labels: list["Label"], cal: Calibration, audits=(),

@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import accuracy  # noqa: E402
 import accuracy_table  # noqa: E402
+import backbone_choice  # noqa: E402,F401 (imports: its helpers are the package's, tested below)
 import count_limits  # noqa: E402
 import weak_features  # noqa: E402
 import weak_head  # noqa: E402
@@ -139,19 +140,18 @@ def test_audit_table_shows_the_calibration_of_audits_of_the_training_micrographs
     assert "1.100 (1.100; 1/1)" in rows[1]
 
 
-def test_backbone_choice_maps_the_mean_of_logits_as_the_package_does():
-    """The uncertain answers give the centre, the audits move it (calibration.training_audit_map's rule)."""
-    import backbone_choice
-    from cryoal_ext.calibration import CalibrationSettings, platt
+def test_audited_platt_the_map_of_training_audits_and_of_the_mean_of_logits():
+    """The uncertain answers give the centre, the audits move it (training_audit_map's rule, backbone_choice's map)."""
+    from cryoal_ext.calibration import CalibrationSettings, audited_platt, platt
 
     rng = np.random.default_rng(1)
     z = np.r_[rng.normal(0.0, 1.5, 80), rng.uniform(2.0, 4.0, 12)]
     y = np.r_[(rng.random(80) < 1 / (1 + np.exp(-z[:80]))), rng.random(12) < 0.6].astype(float)
     audited = np.r_[np.zeros(80, bool), np.ones(12, bool)]
     centre = platt(z[:80], y[:80])
-    moved = backbone_choice.audited_map(z, y, audited)
+    moved = audited_platt(z, y, audited)
     assert (moved.a, moved.b) != (centre.a, centre.b) and moved.a > 0
     three = audited & (np.arange(92) < 83)  # below the gate: the answers' own map, the rest counted as answers
-    few = backbone_choice.audited_map(z, y, three, CalibrationSettings(min_audits=5))
+    few = audited_platt(z, y, three, CalibrationSettings(min_audits=5))
     plain = platt(z[~three], y[~three])
     assert (few.a, few.b) == (plain.a, plain.b)

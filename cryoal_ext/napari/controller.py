@@ -29,9 +29,9 @@ from ..model import BLR
 from ..recipes import Recipe, get_recipe, offered_in, with_audits
 from ..session import Session
 from ..calibration import CountEstimate, of
-from .exchange import FileExchange, stable_uid  # noqa: F401 (stable_uid: part of this module's API)
 from ..workflow import (EngineSettings, MicrographSpec, RoundResult, expected_count, featurise, fit_calibrated,
                         predict, session_audits, suggest_threshold)
+from .exchange import FileExchange, stable_uid  # noqa: F401 (stable_uid: part of this module's API)
 
 log = logging.getLogger("cryoal_ext.napari")
 

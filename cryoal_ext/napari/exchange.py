@@ -21,10 +21,6 @@ from ..io import micrograph_name
 from ..labels import Label, LabelStore
 from ..workflow import MicrographSpec
 
-LABEL_FORMATS = (".star", ".cs", ".txt", ".tsv")
-PICK_FORMATS = (".star", ".cs", ".txt")
-
-
 def stable_uid(name: str) -> int:
     """A uid for a micrograph that is the same in every session (cryoSPARC uids are unsigned 64-bit)."""
     return int(hashlib.sha1(name.encode()).hexdigest()[:15], 16)

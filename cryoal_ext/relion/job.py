@@ -152,7 +152,6 @@ class Job(Inputs, LabelImport, Report):
 
     def labelling_round(self) -> dict:
         from ..extract import Picks
-        from ..recipes import recipe_for
         from ..workflow import labelling_round, predict, suggest_threshold
 
         s, session = self.s, self.session
@@ -168,8 +167,7 @@ class Job(Inputs, LabelImport, Report):
         self.check()
         radius = self._radius_for_training(train)
         t = time.perf_counter()
-        recipe = recipe_for(s.recipe, s.audits, s.batch)
-        res = labelling_round(session, items, recipe, radius, s.batch, s.feature_model, s.seed)
+        res = labelling_round(session, items, s.engine_recipe(), radius, s.batch, s.feature_model, s.seed)
         if res.model is not None:
             res.model.save(session.model_path, round=rnd, n_labels=res.n_labels, diameter_A=self.diameter,
                            radius_px=radius)
@@ -224,7 +222,6 @@ class Job(Inputs, LabelImport, Report):
 
     def predict_all(self) -> dict:
         from ..learner import ActiveLearner
-        from ..recipes import recipe_for
         from ..workflow import expected_count, fit_calibrated, predict, session_audits, suggest_threshold
 
         s, session = self.s, self.session
@@ -248,8 +245,7 @@ class Job(Inputs, LabelImport, Report):
             items = list(self._featurise(train, feature_model))
             self._timed("features", t)
             t = time.perf_counter()
-            recipe = recipe_for(s.recipe, s.audits, s.batch)
-            learner = ActiveLearner(items, self._radius_for_training(train), recipe, feature_model,
+            learner = ActiveLearner(items, self._radius_for_training(train), s.engine_recipe(), feature_model,
                                     seed=s.seed)
             # the rounds' fit, calibration included: the final FOMs are the probabilities the threshold assumes
             model = fit_calibrated(learner, session.labels.effective(), audits=session_audits(session))

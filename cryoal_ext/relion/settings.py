@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..features import DEFAULT_FEATURE_MODEL, parse_feature_model
-from ..recipes import offered_in, recipe_for
+from ..recipes import Recipe, offered_in, recipe_for
 from .star import RelionError, job_dir
 
 
@@ -61,6 +61,9 @@ class JobSettings:
     @property
     def final(self) -> bool:
         return bool(self.predict or self.threshold is not None or self.model)
+
+    def engine_recipe(self) -> Recipe:
+        return recipe_for(self.recipe, self.audits, self.batch)
 
 
 # Options RELION (or the user, as External job parameters) may pass.  Every value option takes
@@ -199,7 +202,7 @@ def settings_from_args(args) -> JobSettings:
         raise RelionError(f"--recipe: {exc}") from None
     s.audits = _number("audits", g("audits"), int)
     try:
-        recipe_for(s.recipe, s.audits, s.batch)
+        s.engine_recipe()
     except ValueError as exc:
         raise RelionError(str(exc)) from None
     s.labels, s.negatives = _files(g("labels")), _files(g("negatives"))
